@@ -1,0 +1,98 @@
+"""One round of the ν-step FedAvg variant and the personalized evaluation, for one block of agents.
+
+No MPI here: a round returns the block's exactly-summed contribution (int64 limbs) which the
+caller adds over ranks with one Allreduce; evaluation returns per-agent rows the caller gathers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import exactsum, metagrad, rng
+from .block import AgentBlock, padded_rows
+from .models import flatten
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """The training hyper-parameters a round needs (plain values, no config object)."""
+    seed: int
+    local_steps: int
+    nu: int
+    alpha: float
+    beta: float
+    batch_size: int | str
+    method: str
+    delta: float
+    strategy: str
+    chunk: int
+
+
+def aggregation_weights(cohort: np.ndarray, train_counts: np.ndarray, weighting: str) -> np.ndarray:
+    """Normalised weights p_i (Σ p_i = 1) of the cohort's agents, identical on every rank."""
+    w = np.ones(len(cohort)) if weighting == "uniform" else train_counts[cohort].astype(np.float64)
+    return w / w.sum()
+
+
+def round_batches(block: AgentBlock, spec: RoundSpec, round_: int, ids: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample indices (B, τ, slots, b) into the block's training tensors and their mask."""
+    tau = spec.local_steps
+    if spec.batch_size == "full":
+        idx, mask = padded_rows(block.train_offset, block.train_count, positions)
+        shape = (idx.shape[0], tau, 1, idx.shape[1])
+        return idx[:, None, None, :].expand(shape), mask[:, None, None, :].expand(shape).to(block.X_train.dtype)
+    slots = metagrad.num_slots(spec.nu, spec.method)
+    pos = rng.batch_indices(spec.seed, round_, ids, block.train_count[positions], tau, slots, spec.batch_size)
+    idx = block.train_offset[positions].view(-1, 1, 1, 1) + pos
+    return idx, torch.ones(idx.shape, dtype=block.X_train.dtype, device=idx.device)
+
+
+def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, round_: int,
+                cohort: np.ndarray, weights: np.ndarray) -> tuple[torch.Tensor, int]:
+    """Run the τ local meta-steps of this block's sampled agents; return their weighted sum.
+
+    Returns (int64 limbs (2, d + 1) = exact Σ_i p_i·[θ_i, mean_t meta-loss_i], number of terms
+    out of the representable range). Agents of other blocks contribute nothing here.
+    """
+    mine = (cohort >= block.lo) & (cohort < block.hi)
+    d = sum(p.numel() for p in global_params.values())
+    if not mine.any():
+        return torch.zeros(2, d + 1, dtype=torch.int64), 0
+    dev = block.device
+    ids = torch.as_tensor(cohort[mine], device=dev)
+    positions = ids - block.lo
+    B = len(ids)
+    idx, mask = round_batches(block, spec, round_, ids, positions)
+    stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
+    params, losses = metagrad.local_update(loss, stacked, block.X_train, block.Y_train, idx, mask,
+                                           spec.nu, spec.alpha, spec.beta, spec.method, spec.delta,
+                                           spec.strategy, spec.chunk)
+    p = torch.as_tensor(weights[mine], dtype=torch.float64, device=dev).unsqueeze(1)
+    terms = p * torch.cat([flatten(params, batch_dims=1).to(torch.float64),
+                           losses.to(torch.float64).mean(dim=1, keepdim=True)], dim=1)
+    return exactsum.encode_sum(terms).cpu(), exactsum.out_of_range(terms)
+
+
+def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,
+                   ks: list[int], alpha: float, chunk: int) -> np.ndarray:
+    """Personalized test loss/accuracy of this block's agents among ``agent_ids``.
+
+    Returns rows [agent id, loss_k for k in ks…, acc_k for k in ks…] (float64) for the agents
+    this block owns, fine-tuned with k full-batch steps of size α on their own training split.
+    """
+    mine = agent_ids[(agent_ids >= block.lo) & (agent_ids < block.hi)]
+    if len(mine) == 0:
+        return np.zeros((0, 1 + 2 * len(ks)))
+    pos = torch.as_tensor(mine - block.lo, device=block.device)
+    tr_idx, tr_mask = padded_rows(block.train_offset, block.train_count, pos)
+    te_idx, te_mask = padded_rows(block.test_offset, block.test_count, pos)
+    dt = block.X_train.dtype
+    losses, accs = metagrad.personalized_metrics(loss, logits_fn, global_params, block.X_train, block.Y_train,
+                                                 tr_idx, tr_mask.to(dt), block.X_test, block.Y_test, te_idx,
+                                                 te_mask.to(dt), ks, alpha, chunk)
+    return np.concatenate([mine[:, None].astype(np.float64), losses.double().cpu().numpy(),
+                           accs.double().cpu().numpy()], axis=1)

@@ -1,0 +1,68 @@
+"""A rank's block of agents: the contiguous ids [lo, hi) and only their samples, on the rank's device.
+
+Agent state is arrays indexed by local agent position (no per-agent Python objects): a block's
+training samples are one tensor, agent a's rows are ``offset[a] : offset[a] + count[a]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class AgentBlock:
+    lo: int
+    hi: int
+    X_train: torch.Tensor
+    Y_train: torch.Tensor
+    train_offset: torch.Tensor   # (n_agents,) int64, on the device
+    train_count: torch.Tensor
+    X_test: torch.Tensor
+    Y_test: torch.Tensor
+    test_offset: torch.Tensor
+    test_count: torch.Tensor
+
+    @property
+    def num_agents(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def device(self) -> torch.device:
+        return self.X_train.device
+
+
+def _rows(ptr: np.ndarray, idx: np.ndarray, lo: int, hi: int):
+    start, stop = int(ptr[lo]), int(ptr[hi])
+    offsets = (ptr[lo:hi] - start).astype(np.int64)
+    counts = np.diff(ptr[lo:hi + 1]).astype(np.int64)
+    return idx[start:stop], offsets, counts
+
+
+def build_block(x: np.ndarray, y: np.ndarray, partition, lo: int, hi: int, device: torch.device,
+                dtype: torch.dtype) -> AgentBlock:
+    """Copy the samples of agents [lo, hi) to ``device`` (the rest of the data is never moved there)."""
+    tr_idx, tr_off, tr_cnt = _rows(partition.train_ptr, partition.train_idx, lo, hi)
+    te_idx, te_off, te_cnt = _rows(partition.test_ptr, partition.test_idx, lo, hi)
+
+    def put(a, dt=None):
+        return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dt)
+
+    return AgentBlock(lo, hi,
+                      put(x[tr_idx], dtype), put(y[tr_idx], torch.int64), put(tr_off), put(tr_cnt),
+                      put(x[te_idx], dtype), put(y[te_idx], torch.int64), put(te_off), put(te_cnt))
+
+
+def padded_rows(offset: torch.Tensor, count: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each selected agent's rows padded to the longest: (B, n_max) indices and a 0/1 mask.
+
+    Padding points at the agent's first row and has mask 0, so it never changes a masked mean.
+    """
+    cnt = count[positions]
+    n_max = int(cnt.max()) if len(cnt) else 0
+    ar = torch.arange(n_max, device=offset.device)
+    mask = ar.unsqueeze(0) < cnt.unsqueeze(1)
+    idx = offset[positions].unsqueeze(1) + torch.where(mask, ar.unsqueeze(0), torch.zeros_like(ar).unsqueeze(0))
+    return idx, mask

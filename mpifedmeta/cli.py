@@ -1,0 +1,110 @@
+"""Command line: ``mpifedmeta run | resume | report | info | config``.
+
+Exit codes: 0 done, 1 unexpected error (whole job aborted), 2 bad input (config, files, flags),
+3 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (resumable), 4 diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+
+EXIT_CODES_HELP = ("exit codes: 0 done, 1 unexpected error, 2 bad input, "
+                   "3 stopped by a signal after a checkpoint (resume it), 4 diverged (NaN/Inf)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpifedmeta", description="Generalized (nu-step) meta federated learning "
+                                "simulator. Launch with `mpiexec -n P mpifedmeta run CONFIG` for P ranks.",
+                                epilog=EXIT_CODES_HELP)
+    p.add_argument("--version", action="version", version=f"mpifedmeta {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train from a TOML config", epilog=EXIT_CODES_HELP)
+    r.add_argument("config", help="TOML file (see `mpifedmeta config` for every key)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.nu=3 (repeatable)")
+    r.add_argument("--auto-resume", action="store_true",
+                   help="if output.dir already holds this run, resume it (for requeued batch jobs)")
+    s = sub.add_parser("resume", help="continue a run from its latest checkpoint", epilog=EXIT_CODES_HELP)
+    s.add_argument("out", help="the run's output directory")
+    s.add_argument("--rounds", type=int, default=None, help="train until this many rounds in total")
+    rep = sub.add_parser("report", help="plots and a Markdown summary of one or more runs")
+    rep.add_argument("outs", nargs="+", help="output directories of runs (overlaid in the plots)")
+    rep.add_argument("--out", dest="dest", default=None, help="where to write (default: OUT/report for one run, ./report otherwise)")
+    rep.add_argument("--label", dest="labels", action="append", default=None, help="label per run, in order")
+    sub.add_parser("info", help="MPI library, ranks, devices, threads and versions (run it under mpiexec)")
+    sub.add_parser("config", help="print every config key with its default and meaning")
+    return p
+
+
+def _fail(world, message: str, code: int = 2) -> int:
+    if world is None or world.is_root:
+        print(f"mpifedmeta: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "config":
+        from .config import describe
+        print(describe())
+        return 0
+    if args.command == "report":
+        return _report(args)
+
+    from . import dist, runner
+    from .config import ConfigError, load
+
+    try:
+        world = dist.init_world()
+    except dist.LaunchError as e:
+        return _fail(None, str(e))
+    runner.install_signal_handlers()     # right after MPI init: the mpich wheel installs its own USR1 handler there
+    dist.install_abort_handler(world)
+    if args.command == "info":
+        from .info import print_info
+        print_info(world)
+        return 0
+    try:
+        if args.command == "run":
+            err, cfg = None, None
+            try:
+                cfg = load(args.config, args.overrides)
+            except ConfigError as e:
+                err = str(e)
+            err = dist.first_error(world, err)
+            if err:
+                return _fail(world, err)
+            if args.auto_resume:
+                return runner.auto_resume_or_start(cfg, world)
+            return runner.start_new(cfg, world)
+        if args.command == "resume":
+            if args.rounds is not None and args.rounds < 0:
+                return _fail(world, f"--rounds {args.rounds}: must be >= 0")
+            return runner.resume(args.out, world, args.rounds)
+    except runner.BadInput as e:
+        return _fail(world, str(e))
+    return 1
+
+
+def _report(args) -> int:
+    from .report import ReportError, make_report
+    dest = args.dest or (os.path.join(args.outs[0], "report") if len(args.outs) == 1 else "report")
+    try:
+        paths = make_report(args.outs, dest, args.labels)
+    except ReportError as e:
+        return _fail(None, str(e))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

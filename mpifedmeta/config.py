@@ -1,0 +1,262 @@
+"""Configuration: a TOML file plus ``--set section.key=value`` overrides, validated once.
+
+Every problem is reported as one line naming the key; the CLI exits with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DATASETS = ("digits", "mnist5k", "fashion-mnist", "npz")
+PARTITIONS = ("shards", "dirichlet", "iid", "natural")
+MODELS = ("linear", "mlp", "cnn")
+METAGRADS = ("exact", "fo", "hf")
+STRATEGIES = ("auto", "vmap", "chunked", "loop")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: object
+    types: tuple
+    check: object = None      # callable(value) -> error text or None
+    doc: str = ""
+
+
+def _one_of(choices):
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _fraction(v):
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _batch(v):
+    if isinstance(v, str):
+        return None if v == "full" else 'must be a positive integer or "full"'
+    return None if v > 0 else 'must be a positive integer or "full"'
+
+
+def _int_list(v):
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in v):
+        return "must be a list of integers >= 0"
+    return None if v else "must not be empty"
+
+
+def _hidden(v):
+    return None if all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v) else "must be a list of positive integers"
+
+
+def _agents(v):
+    if isinstance(v, str):
+        return None if v == "all" else 'must be "all" or a positive integer'
+    return None if v > 0 else 'must be "all" or a positive integer'
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "data": {
+        "dataset": Key("digits", (str,), _one_of(DATASETS), "digits | mnist5k | fashion-mnist | npz"),
+        "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
+        "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
+        "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
+        "partition": Key("shards", (str,), _one_of(PARTITIONS), "shards | dirichlet | iid | natural"),
+        "classes_per_agent": Key(2, (int,), _positive, "classes per agent for shards"),
+        "dirichlet_alpha": Key(0.5, (float, int), _positive, "concentration of the Dirichlet label skew"),
+        "test_fraction": Key(0.2, (float,), _fraction, "share of each agent's samples held out for evaluation"),
+    },
+    "model": {
+        "name": Key("mlp", (str,), _one_of(MODELS), "linear | mlp | cnn"),
+        "hidden": Key([80, 60], (list,), _hidden, "hidden widths (mlp), fully connected widths (cnn)"),
+    },
+    "train": {
+        "rounds": Key(100, (int,), _non_negative, "communication rounds in total"),
+        "agents_per_round": Key(10, (int,), _positive, "agents sampled per round (the cohort)"),
+        "local_steps": Key(10, (int,), _positive, "τ: local meta-steps per round"),
+        "nu": Key(1, (int,), _non_negative, "ν: fine-tuning steps inside the meta-objective (0 = FedAvg)"),
+        "alpha": Key(0.01, (float, int), _positive, "α: fine-tuning step size"),
+        "beta": Key(0.001, (float, int), _positive, "β: meta step size"),
+        "batch_size": Key(32, (int, str), _batch, 'samples per batch, or "full" (each agent\'s whole training split)'),
+        "metagrad": Key("exact", (str,), _one_of(METAGRADS), "exact | fo | hf"),
+        "hf_delta": Key(1e-3, (float,), _positive, "δ of the Hessian-free finite difference"),
+        "weighting": Key("uniform", (str,), _one_of(("uniform", "samples")), "uniform | samples: weights of the average"),
+        "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches"),
+        "dtype": Key("float32", (str,), _one_of(("float32", "float64")), "float32 | float64"),
+        "strategy": Key("vmap", (str,), _one_of(STRATEGIES), "how a block's meta-gradients are batched"),
+        "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked"),
+        "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU"),
+        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = cores / ranks on the node)"),
+    },
+    "eval": {
+        "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),
+        "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
+        "agents": Key("all", (int, str), _agents, 'training agents evaluated: "all" or a fixed random subset of this size'),
+        "chunk": Key(256, (int,), _positive, "agents per batched evaluation call"),
+    },
+    "output": {
+        "dir": Key("runs/default", (str,), None, "output directory"),
+        "checkpoint_every": Key(10, (int,), _positive, "checkpoint every this many rounds (and round 0 and the end)"),
+        "keep": Key(3, (int,), _positive, "checkpoints kept besides round 0"),
+        "progress_every": Key(0, (int,), _non_negative, "print a progress line every this many rounds in batch jobs (0 = about 20 lines a run)"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Section:
+    values: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved, validated configuration (access as ``cfg.train.nu``)."""
+
+    raw: dict
+
+    def __getattr__(self, name):
+        if name in SCHEMA:
+            return Section(self.raw[name])
+        raise AttributeError(name)
+
+    def to_json(self) -> str:
+        return json.dumps(self.raw, sort_keys=True)
+
+    def with_values(self, **sections) -> "Config":
+        raw = copy.deepcopy(self.raw)
+        for sec, kv in sections.items():
+            raw[sec].update(kv)
+        return validate(raw)
+
+
+def _type_ok(value, key: Key) -> bool:
+    if isinstance(value, bool):
+        return bool in key.types
+    return isinstance(value, key.types)
+
+
+def validate(raw: dict) -> Config:
+    """Fill defaults, check types, ranges and cross-key rules; raise ConfigError on the first problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a table of sections")
+    for sec in raw:
+        if sec not in SCHEMA:
+            raise ConfigError(f"unknown section [{sec}] (valid: {', '.join(SCHEMA)})")
+    out: dict = {}
+    for sec, keys in SCHEMA.items():
+        given = raw.get(sec, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{sec}] must be a table")
+        for k in given:
+            if k not in keys:
+                raise ConfigError(f"unknown key {sec}.{k} (valid: {', '.join(keys)})")
+        out[sec] = {}
+        for k, key in keys.items():
+            v = given.get(k, copy.deepcopy(key.default))
+            if not _type_ok(v, key):
+                names = " or ".join(t.__name__ for t in key.types)
+                raise ConfigError(f"{sec}.{k} = {v!r}: must be of type {names}")
+            if isinstance(v, int) and not isinstance(v, bool) and float in key.types:
+                v = float(v)
+            if key.check is not None and (msg := key.check(v)):
+                raise ConfigError(f"{sec}.{k} = {v!r}: {msg}")
+            out[sec][k] = v
+    d, t = out["data"], out["train"]
+    if d["partition"] == "natural" and d["dataset"] != "npz":
+        raise ConfigError("data.partition = 'natural' needs data.dataset = 'npz' with an 'agent' array")
+    if d["dataset"] == "npz" and not d["path"]:
+        raise ConfigError("data.dataset = 'npz' needs data.path (the .npz file)")
+    if d["dataset"] == "npz" and not os.path.isfile(d["path"]):
+        raise ConfigError(f"data.path = {d['path']!r}: file not found")
+    if d["dataset"] == "fashion-mnist" and d["path"] and not os.path.isdir(d["path"]):
+        raise ConfigError(f"data.path = {d['path']!r}: directory not found")
+    if d["num_agents"] == 0 and d["partition"] != "natural":
+        raise ConfigError("data.num_agents = 0 (from the file) is only valid with data.partition = 'natural'")
+    if d["num_agents"] and d["holdout_agents"] >= d["num_agents"]:
+        raise ConfigError(f"data.holdout_agents = {d['holdout_agents']} must be < data.num_agents = {d['num_agents']}")
+    if d["num_agents"] and t["agents_per_round"] > d["num_agents"] - d["holdout_agents"]:
+        raise ConfigError(f"train.agents_per_round = {t['agents_per_round']} exceeds the "
+                          f"{d['num_agents'] - d['holdout_agents']} training agents (data.num_agents - data.holdout_agents)")
+    if t["metagrad"] == "hf" and t["dtype"] == "float32" and t["hf_delta"] < 1e-5:
+        raise ConfigError(f"train.hf_delta = {t['hf_delta']} is below float32 resolution for finite differences; use >= 1e-5 or train.dtype = 'float64'")
+    return Config(out)
+
+
+def parse_value(text: str):
+    """A --set value: TOML syntax when it parses (numbers, booleans, lists, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        path, value = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: the key must be section.key (e.g. train.nu=3)")
+        sec, k = parts
+        if sec not in SCHEMA:
+            raise ConfigError(f"--set {item!r}: unknown section [{sec}] (valid: {', '.join(SCHEMA)})")
+        if k not in SCHEMA[sec]:
+            raise ConfigError(f"--set {item!r}: unknown key {sec}.{k} (valid: {', '.join(SCHEMA[sec])})")
+        raw.setdefault(sec, {})[k] = parse_value(value.strip())
+    return raw
+
+
+def load(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or none: defaults), apply overrides, validate."""
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def from_json(text: str) -> Config:
+    return validate(json.loads(text))
+
+
+def describe() -> str:
+    """All keys with defaults and meaning, for `mpifedmeta config` and the README."""
+    lines = []
+    for sec, keys in SCHEMA.items():
+        lines.append(f"[{sec}]")
+        for k, key in keys.items():
+            lines.append(f"{k} = {json.dumps(key.default)}    # {key.doc}")
+        lines.append("")
+    return "\n".join(lines)

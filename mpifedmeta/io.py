@@ -1,0 +1,250 @@
+"""HDF5 output: metrics.h5 and checkpoints/round_NNNNNN.h5 (layout in docs/hdf5-layout.md).
+
+The only module that imports h5py. Every write is atomic (temporary file in the same directory,
+flush, fsync, rename), so a crash or kill mid-write leaves the previous file intact. Loading
+never unpickles. Only rank 0 calls the writers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+from typing import Callable
+
+import h5py
+import numpy as np
+
+METRICS_FORMAT = "mpifedmeta.metrics"
+CHECKPOINT_FORMAT = "mpifedmeta.checkpoint"
+FORMAT_VERSION = 1
+TRAIN_COLUMNS = {"round": np.int64, "meta_loss": np.float64, "wall_time": np.float64, "round_time": np.float64,
+                 "allreduce_time": np.float64, "bytes_allreduced": np.int64, "num_sampled": np.int64}
+EVAL_MEANS = ("train_loss_mean", "train_acc_mean", "holdout_loss_mean", "holdout_acc_mean")
+EVAL_AGENTS = ("train_agent_loss", "train_agent_acc", "holdout_agent_loss", "holdout_agent_acc")
+_CKPT_RE = re.compile(r"round_(\d{6})\.h5$")
+
+
+class OutputError(ValueError):
+    """A missing, truncated, foreign or mismatching output file (one line naming the path)."""
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, fill: Callable[[h5py.File], None], start_from: str | None = None) -> None:
+    """Write ``path`` atomically: ``fill`` gets an open file (a copy of ``start_from`` when given)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        if start_from is not None:
+            shutil.copyfile(start_from, tmp)
+        with h5py.File(tmp, "r+" if start_from is not None else "w") as f:
+            fill(f)
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _open_checked(path: str, fmt: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise OutputError(f"{path}: file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise OutputError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+    got = f.attrs.get("format")
+    if isinstance(got, bytes):
+        got = got.decode()
+    if got != fmt:
+        f.close()
+        raise OutputError(f"{path}: not an {fmt} file (format attribute is {got!r})")
+    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
+        f.close()
+        raise OutputError(f"{path}: format_version {int(f.attrs['format_version'])} is newer than this mpifedmeta supports ({FORMAT_VERSION})")
+    return f
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def checkpoint_path(out_dir: str, round_: int) -> str:
+    return os.path.join(out_dir, "checkpoints", f"round_{round_:06d}.h5")
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(round, path) of the checkpoints in ``out_dir``, oldest first (temporary files ignored)."""
+    found = []
+    for p in glob.glob(os.path.join(out_dir, "checkpoints", "round_*.h5")):
+        m = _CKPT_RE.search(os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def write_checkpoint(out_dir: str, round_: int, params: dict[str, np.ndarray], config_json: str,
+                     attrs: dict, keep: int) -> str:
+    """Write the checkpoint of ``round_`` and prune old ones (round 0 and the last ``keep`` stay)."""
+    path = checkpoint_path(out_dir, round_)
+
+    def fill(f):
+        f.attrs["format"] = CHECKPOINT_FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["round"] = int(round_)
+        f.attrs["config"] = config_json
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        g = f.create_group("model")
+        for name, value in params.items():
+            g.create_dataset(name, data=value)
+
+    atomic_write(path, fill)
+    rounds = [r for r, _ in list_checkpoints(out_dir) if r != 0]
+    for r in rounds[:-keep] if keep > 0 else []:
+        os.remove(checkpoint_path(out_dir, r))
+    return path
+
+
+def read_checkpoint(path: str) -> tuple[int, dict[str, np.ndarray], str, dict]:
+    """(round, parameters, config JSON, other attributes) of a checkpoint file."""
+    with _open_checked(path, CHECKPOINT_FORMAT) as f:
+        try:
+            params = {name: ds[()] for name, ds in f["model"].items()}
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            return int(f.attrs["round"]), params, str(f.attrs["config"]), attrs
+        except (KeyError, OSError) as e:
+            raise OutputError(f"{path}: incomplete checkpoint ({e})") from None
+
+
+# --------------------------------------------------------------------------- metrics
+
+def metrics_path(out_dir: str) -> str:
+    return os.path.join(out_dir, "metrics.h5")
+
+
+def create_metrics(out_dir: str, config_json: str, attrs: dict, partition: dict[str, np.ndarray],
+                   partition_attrs: dict, ks: list[int], train_agent_ids: np.ndarray,
+                   holdout_agent_ids: np.ndarray) -> str:
+    """Create an empty metrics.h5 (config, partition, empty train/eval tables)."""
+    path = metrics_path(out_dir)
+    A, H, K = len(train_agent_ids), len(holdout_agent_ids), len(ks)
+
+    def fill(f):
+        f.attrs["format"] = METRICS_FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["config"] = config_json
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        p = f.create_group("partition")
+        for k, v in partition.items():
+            p.create_dataset(k, data=v, compression="gzip")
+        for k, v in partition_attrs.items():
+            p.attrs[k] = v
+        t = f.create_group("train")
+        for name, dtype in TRAIN_COLUMNS.items():
+            t.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        e = f.create_group("eval")
+        e.attrs["finetune_steps"] = np.asarray(ks, dtype=np.int64)
+        e.create_dataset("round", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
+        for name in EVAL_MEANS:
+            e.create_dataset(name, shape=(0, K), maxshape=(None, K), dtype=np.float64, chunks=(256, K))
+        for name, n in zip(EVAL_AGENTS, (A, A, H, H)):
+            e.create_dataset(name, shape=(0, K, n), maxshape=(None, K, n), dtype=np.float32,
+                             chunks=(1, K, max(1, min(n, 1 << 16))))
+        e.create_dataset("train_agent_ids", data=np.asarray(train_agent_ids, dtype=np.int64))
+        e.create_dataset("holdout_agent_ids", data=np.asarray(holdout_agent_ids, dtype=np.int64))
+
+    atomic_write(path, fill)
+    return path
+
+
+def _append(ds, rows: np.ndarray) -> None:
+    n = ds.shape[0]
+    ds.resize(n + len(rows), axis=0)
+    ds[n:] = rows
+
+
+def append_metrics(out_dir: str, train_rows: list[dict], eval_rows: list[dict]) -> None:
+    """Append rows to the train and eval tables (atomically: copy, append, fsync, rename)."""
+    if not train_rows and not eval_rows:
+        return
+    path = metrics_path(out_dir)
+
+    def fill(f):
+        if train_rows:
+            for name, dtype in TRAIN_COLUMNS.items():
+                _append(f["train"][name], np.array([r[name] for r in train_rows], dtype=dtype))
+        if eval_rows:
+            e = f["eval"]
+            _append(e["round"], np.array([r["round"] for r in eval_rows], dtype=np.int64))
+            for name in EVAL_MEANS + EVAL_AGENTS:
+                _append(e[name], np.stack([np.asarray(r[name]) for r in eval_rows]).astype(e[name].dtype))
+
+    _open_checked(path, METRICS_FORMAT).close()
+    atomic_write(path, fill, start_from=path)
+
+
+def truncate_metrics(out_dir: str, last_round: int) -> int:
+    """Drop rows after ``last_round`` (written after the checkpoint we resume from); returns rows dropped."""
+    path = metrics_path(out_dir)
+    with _open_checked(path, METRICS_FORMAT) as f:
+        keep_t = int(np.sum(f["train/round"][:] <= last_round))
+        keep_e = int(np.sum(f["eval/round"][:] <= last_round))
+        dropped = (f["train/round"].shape[0] - keep_t) + (f["eval/round"].shape[0] - keep_e)
+    if dropped == 0:
+        return 0
+
+    def fill(f):
+        for name in TRAIN_COLUMNS:
+            f["train"][name].resize(keep_t, axis=0)
+        for name in ("round",) + EVAL_MEANS + EVAL_AGENTS:
+            f["eval"][name].resize(keep_e, axis=0)
+
+    atomic_write(path, fill, start_from=path)
+    return dropped
+
+
+def read_metrics_config(out_dir: str) -> str:
+    with _open_checked(metrics_path(out_dir), METRICS_FORMAT) as f:
+        return str(f.attrs["config"])
+
+
+def read_table(out_dir: str, group: str) -> dict[str, np.ndarray]:
+    """All datasets of group ``train`` or ``eval`` as arrays."""
+    with _open_checked(metrics_path(out_dir), METRICS_FORMAT) as f:
+        return {k: v[()] for k, v in f[group].items()}
+
+
+def read_attrs(path: str) -> dict:
+    with h5py.File(path, "r") as f:
+        return dict(f.attrs)
+
+
+def config_json_equal(a: str, b: str, ignore: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Keys whose values differ between two config JSON strings (``ignore``: section → keys)."""
+    ja, jb = json.loads(a), json.loads(b)
+    diffs = []
+    for sec in sorted(set(ja) | set(jb)):
+        for k in sorted(set(ja.get(sec, {})) | set(jb.get(sec, {}))):
+            if ignore and k in ignore.get(sec, ()):
+                continue
+            if ja.get(sec, {}).get(k) != jb.get(sec, {}).get(k):
+                diffs.append(f"{sec}.{k}")
+    return diffs

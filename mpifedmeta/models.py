@@ -1,0 +1,109 @@
+"""Model definitions. Models are used functionally: parameters live in dicts of tensors
+(stacked along a leading agent dimension for a block) and are applied with
+``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MODEL_NAMES = ("linear", "mlp", "cnn")
+
+
+class Linear(nn.Module):
+    """Multinomial logistic regression: logits = x · weightᵀ + bias."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_classes, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+class MLP(nn.Module):
+    """Fully connected net with ELU activations (Per-FedAvg uses 784-80-60-10)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (80, 60)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ELU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+class CNN(nn.Module):
+    """Small 2-conv net (conv32-pool-conv64-pool-fc) for single-channel images such as 28×28."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (128,)):
+        super().__init__()
+        channels, height, width = in_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = 64 * (height // 4) * (width // 4)
+        fc: list[nn.Module] = []
+        for h in hidden:
+            fc += [nn.Linear(flat, h), nn.ReLU()]
+            flat = h
+        fc.append(nn.Linear(flat, num_classes))
+        self.classifier = nn.Sequential(*fc)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def build_model(name: str, in_shape: tuple[int, ...], num_classes: int,
+                hidden: tuple[int, ...] | None = None) -> nn.Module:
+    """Build the model ``name`` for inputs of shape ``in_shape`` (without the batch dimension)."""
+    in_features = int(math.prod(in_shape))
+    if name == "linear":
+        return Linear(in_features, num_classes)
+    if name == "mlp":
+        return MLP(in_features, num_classes, tuple(hidden) if hidden is not None else (80, 60))
+    if name == "cnn":
+        if len(in_shape) != 3:
+            raise ValueError(f"model.name = 'cnn' needs image inputs (C, H, W), got feature shape {tuple(in_shape)}")
+        return CNN(tuple(in_shape), num_classes, tuple(hidden) if hidden is not None else (128,))
+    raise ValueError(f"model.name = {name!r} is not one of {', '.join(MODEL_NAMES)}")
+
+
+def param_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters as a plain (detached) dict, named as in ``named_parameters()``."""
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def flatten(params: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
+    """Concatenate parameters into one vector (per leading batch index when batch_dims=1)."""
+    if batch_dims == 0:
+        return torch.cat([p.reshape(-1) for p in params.values()])
+    lead = next(iter(params.values())).shape[0]
+    return torch.cat([p.reshape(lead, -1) for p in params.values()], dim=1)
+
+
+def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten` for unbatched parameters shaped like ``like``."""
+    out, offset = {}, 0
+    for name, p in like.items():
+        n = p.numel()
+        out[name] = vector[offset:offset + n].view_as(p)
+        offset += n
+    return out
+
+
+def num_params(params: dict[str, torch.Tensor]) -> int:
+    return sum(p.numel() for p in params.values())

@@ -1,0 +1,372 @@
+"""The training loop: set-up, rounds, evaluation, checkpoints, signals, resume.
+
+Data flows config → dataset → partition → this rank's block → rounds (cohort, batched local
+update, one Allreduce) → rank 0 writes HDF5. Every rank runs the same code; only rank 0 writes
+and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import __version__, algorithm, dist, exactsum, io, metagrad, rng
+from .block import build_block
+from .config import Config, ConfigError, from_json
+from .data import DataError, load_dataset, make_partition
+from .models import build_model, flatten, param_dict, unflatten
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+# Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk"),
+                  "eval": ("chunk",), "output": ("checkpoint_every", "keep", "progress_every", "dir")}
+
+
+class BadInput(RuntimeError):
+    """Bad configuration, files or flags: one line, exit code 2 on every rank."""
+
+
+_stop_requested = {"signal": None}
+
+
+def _on_signal(signum, frame):
+    _stop_requested["signal"] = signal.Signals(signum).name
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGINT/SIGUSR1: finish the current round, checkpoint on all ranks, exit 3."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _on_signal)
+
+
+def say(world, *args, err: bool = False) -> None:
+    if world.is_root:
+        print(*args, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    world: dist.World
+    device: torch.device
+    dtype: torch.dtype
+    partition: object
+    block: object
+    model: torch.nn.Module
+    loss: object
+    logits: object
+    num_train: int
+    train_counts: np.ndarray
+    eval_train_ids: np.ndarray
+    holdout_ids: np.ndarray
+    spec: algorithm.RoundSpec
+
+
+def setup(cfg: Config, world: dist.World) -> Setup:
+    """Everything a rank needs before round 1; errors on any rank become one BadInput everywhere."""
+    err = None
+    try:
+        device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
+        dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
+        ds = load_dataset(cfg.data.dataset, cfg.data.path)
+        part = make_partition(ds, cfg.data.partition, cfg.data.num_agents,
+                              classes_per_agent=cfg.data.classes_per_agent,
+                              dirichlet_alpha=cfg.data.dirichlet_alpha,
+                              test_fraction=cfg.data.test_fraction, seed=cfg.train.seed)
+        N = part.num_agents
+        H = cfg.data.holdout_agents
+        if H >= N:
+            raise ConfigError(f"data.holdout_agents = {H} must be < the {N} agents of the partition")
+        if cfg.train.agents_per_round > N - H:
+            raise ConfigError(f"train.agents_per_round = {cfg.train.agents_per_round} exceeds the {N - H} training agents")
+        lo, hi = dist.block_range(N, world.size, world.rank)
+        block = build_block(ds.x, ds.y, part, lo, hi, device, dtype)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden).to(dtype)
+    except (ConfigError, DataError, dist.LaunchError, ValueError, OSError) as e:
+        err = str(e).splitlines()[0] if str(e) else type(e).__name__
+    err = dist.first_error(world, err)
+    if err:
+        raise BadInput(err)
+    num_train = N - H
+    if cfg.eval.agents == "all" or cfg.eval.agents >= num_train:
+        eval_ids = np.arange(num_train, dtype=np.int64)
+    else:
+        eval_ids = np.sort(np.random.default_rng([rng.EVAL_AGENTS, cfg.train.seed]).choice(
+            num_train, cfg.eval.agents, replace=False)).astype(np.int64)
+    t = cfg.train
+    spec = algorithm.RoundSpec(t.seed, t.local_steps, t.nu, t.alpha, t.beta, t.batch_size, t.metagrad,
+                               t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk)
+    setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
+                   metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
+                   np.arange(num_train, N, dtype=np.int64), spec)
+    model.requires_grad_(False)
+    return setup_
+
+
+def initial_params(s: Setup) -> dict[str, torch.Tensor]:
+    return {k: v.to(s.device) for k, v in param_dict(s.model).items()}
+
+
+def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
+    """Personalized metrics of all evaluated agents; the row (on rank 0) for metrics.h5."""
+    ks = list(s.cfg.eval.finetune_steps)
+    ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
+    rows = algorithm.evaluate_block(s.loss, s.logits, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+    rows = dist.gather_rows(s.world, rows)
+    if not s.world.is_root:
+        return None
+    K = len(ks)
+    rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    holdout = rows[:, 0] >= s.num_train
+    out = {"round": round_}
+    for name, sel in (("train", ~holdout), ("holdout", holdout)):
+        loss, acc = rows[sel, 1:1 + K], rows[sel, 1 + K:]
+        out[f"{name}_agent_loss"], out[f"{name}_agent_acc"] = loss.T.astype(np.float32), acc.T.astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            out[f"{name}_loss_mean"] = loss.mean(axis=0) if len(loss) else np.full(K, np.nan)
+            out[f"{name}_acc_mean"] = acc.mean(axis=0) if len(acc) else np.full(K, np.nan)
+    return out
+
+
+def _params_numpy(params: dict) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in params.items()}
+
+
+class Progress:
+    """A tqdm bar on an interactive terminal; plain periodic lines in batch jobs (rank 0 only)."""
+
+    def __init__(self, world, start: int, total: int, every: int):
+        self.bar, self.lines = None, world.is_root
+        self.every = every or max(1, (total - start) // 20)
+        if world.is_root and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar, self.lines = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True), False
+
+    def update(self, round_: int, total: int, meta_loss: float, round_time: float, acc: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"meta-loss {meta_loss:.4f}{acc}")
+        elif self.lines and (round_ % self.every == 0 or round_ == total):
+            print(f"round {round_}/{total}  meta-loss {meta_loss:.4f}  {round_time:.3f} s/round{acc}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def final_table(ks: list[int], row: dict) -> str:
+    lines = ["personalized test accuracy after k fine-tuning steps (mean ± std over agents)",
+             f"{'k':>3}  {'training agents':>18}  {'holdout agents':>18}"]
+    for j, k in enumerate(ks):
+        cells = []
+        for name in ("train", "holdout"):
+            a = row[f"{name}_agent_acc"][j]
+            cells.append(f"{100 * a.mean():6.2f}% ± {100 * a.std():5.2f}" if a.size else f"{'–':>18}")
+        lines.append(f"{k:>3}  {cells[0]:>18}  {cells[1]:>18}")
+    return "\n".join(lines)
+
+
+def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) -> int:
+    """Rounds start_round+1 .. cfg.train.rounds; returns the exit code (0, 3 stopped, 4 diverged)."""
+    cfg, world = s.cfg, s.world
+    R, K = cfg.train.rounds, cfg.train.agents_per_round
+    like = {k: v for k, v in params.items()}
+    d = sum(v.numel() for v in params.values())
+    pending_train: list[dict] = []
+    pending_eval: list[dict] = []
+    progress = Progress(world, start_round, R, cfg.output.progress_every)
+    last_eval: dict | None = None
+    wall = wall0
+    code = EXIT_OK
+    r = start_round
+    try:
+        while r < R:
+            r += 1
+            t0 = time.perf_counter()
+            cohort = rng.cohort(cfg.train.seed, r, s.num_train, K)
+            weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
+            limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
+            stop = 1 if _stop_requested["signal"] else 0
+            buf = np.concatenate([limbs.numpy().reshape(-1), np.array([bad, stop], dtype=np.int64)])
+            t1 = time.perf_counter()
+            dist.allreduce_sum(world, buf)
+            t_ar = time.perf_counter() - t1
+            bad, stop = int(buf[-2]), int(buf[-1])
+            if bad:
+                code = EXIT_DIVERGED
+                say(world, f"mpifedmeta: diverged in round {r}: {bad} non-finite or out-of-range (|value| >= "
+                           f"{exactsum.LIMIT:g}) parameter terms; keeping the last good checkpoint. "
+                           "Lower train.beta / train.alpha.", err=True)
+                r -= 1
+                break
+            total = exactsum.decode(buf[:-2].reshape(2, d + 1))
+            flat = torch.as_tensor(total[:d], dtype=s.dtype, device=s.device)
+            params = unflatten(flat, like)
+            wall += time.perf_counter() - t0
+            round_time = time.perf_counter() - t0
+            pending_train.append({"round": r, "meta_loss": float(total[d]), "wall_time": wall,
+                                  "round_time": round_time, "allreduce_time": t_ar,
+                                  "bytes_allreduced": buf.nbytes, "num_sampled": K})
+            is_eval = r % cfg.eval.every == 0 or r == R
+            is_ckpt = r % cfg.output.checkpoint_every == 0 or r == R or stop
+            if is_eval:
+                last_eval = evaluate(s, params, r)
+                if world.is_root:
+                    pending_eval.append(last_eval)
+            acc = ""
+            if last_eval is not None and is_eval:
+                acc = "  acc@k " + " ".join(f"{100 * a:.1f}" for a in last_eval["train_acc_mean"])
+            progress.update(r, R, float(total[d]), round_time, acc)
+            if is_ckpt or is_eval:
+                if world.is_root:   # metrics first: a crash in between leaves rows the resume truncates
+                    io.append_metrics(out_dir, pending_train, pending_eval)
+                pending_train, pending_eval = [], []
+            if is_ckpt:
+                if world.is_root:
+                    io.write_checkpoint(out_dir, r, _params_numpy(params), cfg.to_json(),
+                                        {"wall_time": wall, "rng": "counter-based: (seed, round, agent, step)"},
+                                        cfg.output.keep)
+                dist.barrier(world)
+            if stop:
+                code = EXIT_STOPPED
+                say(world, f"mpifedmeta: stop requested ({_stop_requested['signal'] or 'signal on another rank'}); "
+                           f"checkpoint of round {r} written to {out_dir}; continue with `mpifedmeta resume {out_dir}` "
+                           f"(exit code {EXIT_STOPPED})", err=True)
+                break
+    finally:
+        progress.close()
+    if world.is_root and (pending_train or pending_eval):
+        io.append_metrics(out_dir, pending_train, pending_eval)
+    if code == EXIT_OK and world.is_root:
+        if last_eval is None:
+            last_eval = _last_eval_row(out_dir)
+        if last_eval is not None:
+            print(final_table(list(cfg.eval.finetune_steps), last_eval), flush=True)
+        print(f"done: {R} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
+    return code
+
+
+def _last_eval_row(out_dir: str) -> dict | None:
+    e = io.read_table(out_dir, "eval")
+    if len(e["round"]) == 0:
+        return None
+    return {k: e[k][-1] for k in io.EVAL_AGENTS}
+
+
+def start_new(cfg: Config, world: dist.World) -> int:
+    out_dir = cfg.output.dir
+    err = None
+    if world.is_root and os.path.exists(io.metrics_path(out_dir)):
+        err = (f"output.dir = {out_dir!r} already holds a run (metrics.h5); continue it with "
+               f"`mpifedmeta resume {out_dir}` or choose another output.dir")
+    err = dist.first_error(world, err)
+    if err:
+        raise BadInput(err)
+    s = setup(cfg, world)
+    params = initial_params(s)
+    if world.is_root:
+        os.makedirs(out_dir, exist_ok=True)
+        p = s.partition
+        io.create_metrics(out_dir, cfg.to_json(), _file_attrs(s, params),
+                          {"train_ptr": p.train_ptr, "train_idx": p.train_idx, "test_ptr": p.test_ptr,
+                           "test_idx": p.test_idx,
+                           "holdout": np.arange(p.num_agents) >= s.num_train},
+                          {"dataset": cfg.data.dataset, "scheme": cfg.data.partition,
+                           "num_agents": p.num_agents},
+                          list(cfg.eval.finetune_steps), s.eval_train_ids, s.holdout_ids)
+    row = evaluate(s, params, 0)
+    if world.is_root:
+        io.append_metrics(out_dir, [], [row])
+        io.write_checkpoint(out_dir, 0, _params_numpy(params), cfg.to_json(), {"wall_time": 0.0,
+                            "rng": "counter-based: (seed, round, agent, step)"}, cfg.output.keep)
+        say(world, f"mpifedmeta {__version__}: {s.partition.num_agents} agents ({len(s.holdout_ids)} holdout) on "
+                   f"{world.size} rank(s), {cfg.model.name} with {sum(v.numel() for v in params.values())} parameters, "
+                   f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}")
+    dist.barrier(world)
+    return train(s, out_dir, params, 0, 0.0)
+
+
+def _file_attrs(s: Setup, params: dict) -> dict:
+    return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
+            "strategy": s.spec.strategy, "num_params": int(sum(v.numel() for v in params.values())),
+            "world_size_at_start": s.world.size}
+
+
+def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:
+    """Continue the run in ``out_dir`` from its latest checkpoint (to ``rounds`` in total if given)."""
+    err, payload = None, None
+    if world.is_root:
+        try:
+            payload = _load_resume_state(out_dir, rounds)
+        except (io.OutputError, ConfigError) as e:
+            err = str(e)
+    err = dist.first_error(world, err)
+    if err:
+        raise BadInput(err)
+    cfg_json, round_, flat_params, wall = dist.broadcast(world, payload)
+    cfg = from_json(cfg_json)
+    if round_ >= cfg.train.rounds:
+        say(world, f"{out_dir}: already complete ({round_} of {cfg.train.rounds} rounds); "
+                   "nothing to do (use --rounds N to train further)")
+        return EXIT_OK
+    s = setup(cfg, world)
+    like = initial_params(s)
+    mismatch = [k for k in like if k not in flat_params or tuple(flat_params[k].shape) != tuple(like[k].shape)]
+    if mismatch:
+        raise BadInput(f"{out_dir}: checkpoint parameters do not match the model ({', '.join(mismatch[:3])})")
+    params = {k: torch.as_tensor(flat_params[k]).to(device=s.device, dtype=s.dtype) for k in like}
+    say(world, f"mpifedmeta: resuming {out_dir} at round {round_} of {cfg.train.rounds} on {world.size} rank(s)")
+    return train(s, out_dir, params, round_, wall)
+
+
+def _load_resume_state(out_dir: str, rounds: int | None):
+    metrics_json = io.read_metrics_config(out_dir)
+    ckpts = io.list_checkpoints(out_dir)
+    if not ckpts:
+        raise io.OutputError(f"{out_dir}: no checkpoints/round_NNNNNN.h5 to resume from")
+    round_, params, ckpt_json, attrs = io.read_checkpoint(ckpts[-1][1])
+    diffs = io.config_json_equal(metrics_json, ckpt_json, RESUMABLE_KEYS)
+    if diffs:
+        raise io.OutputError(f"{ckpts[-1][1]}: checkpoint config does not match metrics.h5 ({', '.join(diffs[:5])})")
+    raw = json.loads(ckpt_json)
+    raw["output"]["dir"] = out_dir
+    if rounds is not None:
+        if rounds < round_:
+            raise ConfigError(f"--rounds {rounds} is before the checkpoint's round {round_}")
+        raw["train"]["rounds"] = rounds
+    cfg_json = from_json(json.dumps(raw)).to_json()
+    dropped = io.truncate_metrics(out_dir, round_)
+    if dropped:
+        print(f"mpifedmeta: dropped {dropped} metrics rows written after the checkpoint of round {round_}", flush=True)
+    return cfg_json, round_, params, float(attrs.get("wall_time", 0.0))
+
+
+def auto_resume_or_start(cfg: Config, world: dist.World) -> int:
+    """`run --auto-resume`: resume OUT if it holds a run of the same config, else start it."""
+    out_dir = cfg.output.dir
+    exists = dist.broadcast(world, os.path.exists(io.metrics_path(out_dir)) if world.is_root else None)
+    if not exists:
+        return start_new(cfg, world)
+    err = None
+    if world.is_root:
+        try:
+            diffs = io.config_json_equal(io.read_metrics_config(out_dir), cfg.to_json(), RESUMABLE_KEYS)
+            if diffs:
+                err = (f"output.dir = {out_dir!r} holds a run with a different config ({', '.join(diffs[:5])}); "
+                       "choose another output.dir")
+        except io.OutputError as e:
+            err = str(e)
+    err = dist.first_error(world, err)
+    if err:
+        raise BadInput(err)
+    return resume(out_dir, world, cfg.train.rounds)
