@@ -196,6 +196,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             cohort = rng.cohort(cfg.train.seed, r, s.num_train, K)
             weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
             limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
+            _maybe_inject_failure(world, r)
             stop = 1 if _stop_requested["signal"] else 0
             buf = np.concatenate([limbs.numpy().reshape(-1), np.array([bad, stop], dtype=np.int64)])
             t1 = time.perf_counter()
@@ -254,6 +255,15 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             print(final_table(list(cfg.eval.finetune_steps), last_eval), flush=True)
         print(f"done: {R} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
     return code
+
+
+def _maybe_inject_failure(world: dist.World, round_: int) -> None:
+    """Fault injection for tests: MPIFEDMETA_INJECT_FAILURE="RANK:ROUND" raises on that rank in that round."""
+    spec = os.environ.get("MPIFEDMETA_INJECT_FAILURE")
+    if spec:
+        rank, at = (int(v) for v in spec.split(":"))
+        if rank == world.rank and at == round_:
+            raise RuntimeError(f"injected failure on rank {rank} in round {round_} (MPIFEDMETA_INJECT_FAILURE)")
 
 
 def _last_eval_row(out_dir: str) -> dict | None:
