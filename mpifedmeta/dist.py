@@ -165,6 +165,11 @@ def first_error(world: World, message: str | None) -> str | None:
     return None
 
 
+def allgather(world: World, obj) -> list:
+    """Small Python objects from every rank (start-up only, never on the hot path)."""
+    return [obj] if world.size == 1 else world.comm.allgather(obj)
+
+
 def broadcast(world: World, obj):
     return obj if world.size == 1 else world.comm.bcast(obj, root=0)
 

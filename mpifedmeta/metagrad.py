@@ -124,6 +124,49 @@ def agent_meta_gradient(loss: LossFn, params: Params, X: torch.Tensor, Y: torch.
     return g, value
 
 
+def agent_meta_gradient_autograd(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float,
+                                 method: str = "exact", delta: float = 1e-3) -> tuple[Params, torch.Tensor]:
+    """The same recursion as :func:`agent_meta_gradient` with plain torch.autograd for one agent
+    (reverse-over-reverse HVPs). Used by the ``loop`` strategy: outside vmap it avoids the
+    per-call overhead of the torch.func transforms, and it is what per-agent loops elsewhere do."""
+
+    def batch(s: int):
+        s = _slot(idx, s)
+        rows = idx[s]
+        return X[rows], Y[rows], mask[s]
+
+    names = list(params)
+
+    def grad_at(theta: Params, b, create_graph: bool = False):
+        leaves = {k: (v if create_graph else v.detach()).requires_grad_(True) for k, v in theta.items()}
+        with torch.enable_grad():
+            value = loss(leaves, *b)
+            g = torch.autograd.grad(value, [leaves[k] for k in names], create_graph=create_graph)
+        return leaves, dict(zip(names, g)), value
+
+    thetas = [{k: v.detach() for k, v in params.items()}]
+    for l in range(nu):
+        _, g, _ = grad_at(thetas[-1], batch(l))
+        thetas.append({k: (thetas[-1][k] - alpha * g[k]).detach() for k in names})
+    _, g, value = grad_at(thetas[nu], batch(nu))
+    g = {k: v.detach() for k, v in g.items()}
+    if method == "fo":
+        return g, value.detach()
+    for l in reversed(range(nu)):
+        if method == "exact":
+            with torch.enable_grad():
+                leaves, gl, _ = grad_at({k: v.clone() for k, v in thetas[l].items()}, batch(nu + 1 + l), create_graph=True)
+                hv = torch.autograd.grad([gl[k] for k in names], [leaves[k] for k in names],
+                                         grad_outputs=[g[k] for k in names])
+            hv = dict(zip(names, hv))
+        elif method == "hf":
+            hv = hvp_finite_difference(loss, thetas[l], g, *batch(nu + 1 + l), delta)
+        else:
+            raise ValueError(f"metagrad must be one of {METHODS}, got {method!r}")
+        g = {k: g[k] - alpha * hv[k].detach() for k in names}
+    return g, value.detach()
+
+
 def agent_meta_gradient_unrolled(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
                                  alpha: float) -> tuple[Params, torch.Tensor]:
     """Exact meta-gradient by differentiating through the unrolled inner loop (memory grows with ν).
@@ -153,7 +196,8 @@ def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
 
     ``params``: stacked parameters (B, ...); ``idx``/``mask``: (B, slots, b). Strategies give the
     same numbers: ``vmap`` (one batched pass), ``chunked`` (vmap over chunks of ``chunk`` agents,
-    bounded memory) and ``loop`` (one agent at a time; the baseline of other FL simulators).
+    bounded memory) and ``loop`` (one agent at a time with plain torch.autograd, as other FL
+    simulators compute; fastest where vmap turns per-agent weights into slow grouped kernels).
     Returns (meta-gradients stacked (B, ...), meta-losses (B,)).
     """
     if unrolled:
@@ -175,7 +219,11 @@ def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
     elif strategy == "loop":
         parts = []
         for a in range(B):
-            g, v = one({k: p[a] for k, p in params.items()}, idx[a], mask[a])
+            p_a = {k: p[a] for k, p in params.items()}
+            if unrolled:
+                g, v = one(p_a, idx[a], mask[a])
+            else:
+                g, v = agent_meta_gradient_autograd(loss, p_a, X, Y, idx[a], mask[a], nu, alpha, method, delta)
             parts.append(({k: t.unsqueeze(0) for k, t in g.items()}, v.unsqueeze(0)))
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -113,6 +113,42 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     return setup_
 
 
+def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
+    """Resolve train.strategy = "auto": reuse the choice recorded in the checkpoint when resuming
+    (so a resumed run continues bit-for-bit), else time the candidates on every rank and let all
+    ranks agree on the one whose slowest rank is fastest. Returns a one-line description."""
+    import dataclasses
+    from . import strategy as strat
+
+    if s.cfg.train.strategy != "auto":
+        return s.spec.strategy
+    if recorded:
+        s.spec = dataclasses.replace(s.spec, strategy=recorded)
+        return f"{recorded} (recorded in the checkpoint)"
+    blk = s.block
+    per_rank = -(-s.cfg.train.agents_per_round // s.world.size)
+    B = max(1, min(per_rank, blk.num_agents))
+    ids = torch.arange(blk.lo, blk.lo + B, device=blk.device)
+    spec1 = dataclasses.replace(s.spec, local_steps=1)
+    idx, mask = algorithm.round_batches(blk, spec1, 0, ids, ids - blk.lo)
+    stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in params.items()}
+
+    def step(cand: str, chunk: int) -> None:
+        metagrad.block_meta_gradients(s.loss, stacked, blk.X_train, blk.Y_train, idx[:, 0], mask[:, 0],
+                                      s.spec.nu, s.spec.alpha, s.spec.method, s.spec.delta, cand, chunk)
+
+    mine = strat.measure(step, s.device, s.cfg.train.chunk, B, s.cfg.train.memory_budget)
+    every = dist.allgather(s.world, (mine.seconds, mine.skipped))
+    usable = [c for c in strat.CANDIDATES if all(c in sec for sec, _ in every)]
+    if not usable:
+        raise BadInput(f"no execution strategy fits train.memory_budget = {s.cfg.train.memory_budget} MB "
+                       f"({'; '.join(f'{c}: {w}' for c, w in mine.skipped.items())})")
+    best = min(usable, key=lambda c: max(sec[c] for sec, _ in every))
+    s.spec = dataclasses.replace(s.spec, strategy=best)
+    mine.strategy = best
+    return f"auto -> {mine.describe()}"
+
+
 def initial_params(s: Setup) -> dict[str, torch.Tensor]:
     return {k: v.to(s.device) for k, v in param_dict(s.model).items()}
 
@@ -235,8 +271,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             if is_ckpt:
                 if world.is_root:
                     io.write_checkpoint(out_dir, r, _params_numpy(params), cfg.to_json(),
-                                        {"wall_time": wall, "rng": "counter-based: (seed, round, agent, step)"},
-                                        cfg.output.keep)
+                                        _ckpt_attrs(s, wall), cfg.output.keep)
                 dist.barrier(world)
             if stop:
                 code = EXIT_STOPPED
@@ -284,6 +319,7 @@ def start_new(cfg: Config, world: dist.World) -> int:
         raise BadInput(err)
     s = setup(cfg, world)
     params = initial_params(s)
+    chosen = choose_strategy(s, params)
     if world.is_root:
         os.makedirs(out_dir, exist_ok=True)
         p = s.partition
@@ -297,18 +333,21 @@ def start_new(cfg: Config, world: dist.World) -> int:
     row = evaluate(s, params, 0)
     if world.is_root:
         io.append_metrics(out_dir, [], [row])
-        io.write_checkpoint(out_dir, 0, _params_numpy(params), cfg.to_json(), {"wall_time": 0.0,
-                            "rng": "counter-based: (seed, round, agent, step)"}, cfg.output.keep)
+        io.write_checkpoint(out_dir, 0, _params_numpy(params), cfg.to_json(), _ckpt_attrs(s, 0.0), cfg.output.keep)
         say(world, f"mpifedmeta {__version__}: {s.partition.num_agents} agents ({len(s.holdout_ids)} holdout) on "
                    f"{world.size} rank(s), {cfg.model.name} with {sum(v.numel() for v in params.values())} parameters, "
-                   f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}")
+                   f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, strategy {chosen}")
     dist.barrier(world)
     return train(s, out_dir, params, 0, 0.0)
 
 
+def _ckpt_attrs(s: Setup, wall: float) -> dict:
+    return {"wall_time": wall, "strategy": s.spec.strategy, "rng": "counter-based: (seed, round, agent, step)"}
+
+
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
-            "strategy": s.spec.strategy, "num_params": int(sum(v.numel() for v in params.values())),
+            "strategy": s.spec.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
             "world_size_at_start": s.world.size}
 
 
@@ -323,7 +362,7 @@ def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:
     err = dist.first_error(world, err)
     if err:
         raise BadInput(err)
-    cfg_json, round_, flat_params, wall = dist.broadcast(world, payload)
+    cfg_json, round_, flat_params, wall, recorded = dist.broadcast(world, payload)
     cfg = from_json(cfg_json)
     if round_ >= cfg.train.rounds:
         say(world, f"{out_dir}: already complete ({round_} of {cfg.train.rounds} rounds); "
@@ -335,6 +374,7 @@ def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:
     if mismatch:
         raise BadInput(f"{out_dir}: checkpoint parameters do not match the model ({', '.join(mismatch[:3])})")
     params = {k: torch.as_tensor(flat_params[k]).to(device=s.device, dtype=s.dtype) for k in like}
+    choose_strategy(s, params, recorded)
     say(world, f"mpifedmeta: resuming {out_dir} at round {round_} of {cfg.train.rounds} on {world.size} rank(s)")
     return train(s, out_dir, params, round_, wall)
 
@@ -358,7 +398,7 @@ def _load_resume_state(out_dir: str, rounds: int | None):
     dropped = io.truncate_metrics(out_dir, round_)
     if dropped:
         print(f"mpifedmeta: dropped {dropped} metrics rows written after the checkpoint of round {round_}", flush=True)
-    return cfg_json, round_, params, float(attrs.get("wall_time", 0.0))
+    return cfg_json, round_, params, float(attrs.get("wall_time", 0.0)), attrs.get("strategy")
 
 
 def auto_resume_or_start(cfg: Config, world: dist.World) -> int:
