@@ -96,3 +96,22 @@ def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agen
                                                  te_mask.to(dt), ks, alpha, chunk)
     return np.concatenate([mine[:, None].astype(np.float64), losses.double().cpu().numpy(),
                            accs.double().cpu().numpy()], axis=1)
+
+
+def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: int, nu: int, alpha: float,
+                       chunk: int) -> torch.Tensor:
+    """The block's exact share of [∇F(w), F(w)] with F = (1/N) Σ_i f_i(θ_i^ν) over the N training
+    agents, full local training data, exact meta-gradient. Returns int64 limbs (2, d + 1)."""
+    d = sum(p.numel() for p in global_params.values())
+    total = torch.zeros(2, d + 1, dtype=torch.int64)
+    lo, hi = block.lo, min(block.hi, num_train)
+    for start in range(lo, hi, chunk):
+        ids = torch.arange(start, min(start + chunk, hi), device=block.device)
+        idx, mask = padded_rows(block.train_offset, block.train_count, ids - block.lo)
+        B = len(ids)
+        stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
+        g, value = metagrad.block_meta_gradients(loss, stacked, block.X_train, block.Y_train, idx[:, None, :],
+                                                 mask[:, None, :].to(block.X_train.dtype), nu, alpha, "exact")
+        terms = torch.cat([flatten(g, batch_dims=1).to(torch.float64), value.to(torch.float64)[:, None]], dim=1)
+        total += exactsum.encode_sum(terms / num_train).cpu()
+    return total

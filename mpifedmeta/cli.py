@@ -31,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resume", help="continue a run from its latest checkpoint", epilog=EXIT_CODES_HELP)
     s.add_argument("out", help="the run's output directory")
     s.add_argument("--rounds", type=int, default=None, help="train until this many rounds in total")
+    sw = sub.add_parser("sweep", help="run a grid of configs (one output directory per point)", epilog=EXIT_CODES_HELP)
+    sw.add_argument("config", help="base TOML config")
+    sw.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                    help="values to sweep (repeatable; the cartesian product is run)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override applied to every point")
+    sw.add_argument("--out", required=True, help="parent directory; each point writes OUT/<point name>")
+    sw.add_argument("--task", type=int, default=None, help="run only point number TASK (0-based; for SLURM arrays)")
+    sw.add_argument("--list", action="store_true", help="print the points and exit")
     rep = sub.add_parser("report", help="plots and a Markdown summary of one or more runs")
     rep.add_argument("outs", nargs="+", help="output directories of runs (overlaid in the plots)")
     rep.add_argument("--out", dest="dest", default=None, help="where to write (default: OUT/report for one run, ./report otherwise)")
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.auto_resume:
                 return runner.auto_resume_or_start(cfg, world)
             return runner.start_new(cfg, world)
+        if args.command == "sweep":
+            return _sweep(args, world)
         if args.command == "resume":
             if args.rounds is not None and args.rounds < 0:
                 return _fail(world, f"--rounds {args.rounds}: must be >= 0")
@@ -88,6 +99,42 @@ def main(argv: list[str] | None = None) -> int:
     except runner.BadInput as e:
         return _fail(world, str(e))
     return 1
+
+
+def _sweep(args, world) -> int:
+    from . import dist, runner, sweep
+    from .config import ConfigError, load
+
+    err, todo = None, []
+    try:
+        todo = sweep.plan(args.out, args.grid)
+        if args.task is not None:
+            if not 0 <= args.task < len(todo):
+                raise ConfigError(f"--task {args.task}: the sweep has {len(todo)} points (0..{len(todo) - 1})")
+            todo = [todo[args.task]]
+        cfgs = [load(args.config, args.overrides + p + [f"output.dir={json_str(d)}"]) for d, p in todo]
+    except ConfigError as e:
+        err = str(e)
+    err = dist.first_error(world, err)
+    if err:
+        return _fail(world, err)
+    if args.list:
+        if world.is_root:
+            for i, (d, p) in enumerate(sweep.plan(args.out, args.grid)):
+                print(f"{i:4d}  {d}  {' '.join(p)}")
+        return 0
+    for n, ((d, _), cfg) in enumerate(zip(todo, cfgs), 1):
+        if world.is_root:
+            print(f"== sweep point {n}/{len(todo)}: {d}", flush=True)
+        code = runner.auto_resume_or_start(cfg, world)
+        if code != 0:
+            return code
+    return 0
+
+
+def json_str(text: str) -> str:
+    import json
+    return json.dumps(text)
 
 
 def _report(args) -> int:

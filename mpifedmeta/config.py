@@ -111,6 +111,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
         "agents": Key("all", (int, str), _agents, 'training agents evaluated: "all" or a fixed random subset of this size'),
         "chunk": Key(256, (int,), _positive, "agents per batched evaluation call"),
+        "stationarity": Key(False, (bool,), None, "also compute F(w) and ||grad F(w)||^2 on full local data, exact meta-gradient (costly)"),
     },
     "output": {
         "dir": Key("runs/default", (str,), None, "output directory"),

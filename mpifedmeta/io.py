@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 TRAIN_COLUMNS = {"round": np.int64, "meta_loss": np.float64, "wall_time": np.float64, "round_time": np.float64,
                  "allreduce_time": np.float64, "bytes_allreduced": np.int64, "num_sampled": np.int64}
 EVAL_MEANS = ("train_loss_mean", "train_acc_mean", "holdout_loss_mean", "holdout_acc_mean")
+EVAL_SCALARS = ("meta_loss_full", "grad_norm_sq")
 EVAL_AGENTS = ("train_agent_loss", "train_agent_acc", "holdout_agent_loss", "holdout_agent_acc")
 _CKPT_RE = re.compile(r"round_(\d{6})\.h5$")
 
@@ -163,6 +164,8 @@ def create_metrics(out_dir: str, config_json: str, attrs: dict, partition: dict[
         e = f.create_group("eval")
         e.attrs["finetune_steps"] = np.asarray(ks, dtype=np.int64)
         e.create_dataset("round", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
+        for name in EVAL_SCALARS:
+            e.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,))
         for name in EVAL_MEANS:
             e.create_dataset(name, shape=(0, K), maxshape=(None, K), dtype=np.float64, chunks=(256, K))
         for name, n in zip(EVAL_AGENTS, (A, A, H, H)):
@@ -194,7 +197,7 @@ def append_metrics(out_dir: str, train_rows: list[dict], eval_rows: list[dict]) 
         if eval_rows:
             e = f["eval"]
             _append(e["round"], np.array([r["round"] for r in eval_rows], dtype=np.int64))
-            for name in EVAL_MEANS + EVAL_AGENTS:
+            for name in EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS:
                 _append(e[name], np.stack([np.asarray(r[name]) for r in eval_rows]).astype(e[name].dtype))
 
     _open_checked(path, METRICS_FORMAT).close()
@@ -214,7 +217,7 @@ def truncate_metrics(out_dir: str, last_round: int) -> int:
     def fill(f):
         for name in TRAIN_COLUMNS:
             f["train"][name].resize(keep_t, axis=0)
-        for name in ("round",) + EVAL_MEANS + EVAL_AGENTS:
+        for name in ("round",) + EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS:
             f["eval"][name].resize(keep_e, axis=0)
 
     atomic_write(path, fill, start_from=path)

@@ -159,12 +159,18 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
     rows = algorithm.evaluate_block(s.loss, s.logits, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
     rows = dist.gather_rows(s.world, rows)
+    grad_norm_sq = meta_loss_full = float("nan")
+    if s.cfg.eval.stationarity:
+        limbs = algorithm.stationarity_block(s.loss, s.block, params, s.num_train, s.cfg.train.nu,
+                                             s.cfg.train.alpha, s.cfg.eval.chunk).numpy()
+        total = exactsum.decode(dist.allreduce_sum(s.world, limbs.reshape(-1)).reshape(2, -1))
+        grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
     if not s.world.is_root:
         return None
     K = len(ks)
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
     holdout = rows[:, 0] >= s.num_train
-    out = {"round": round_}
+    out = {"round": round_, "grad_norm_sq": grad_norm_sq, "meta_loss_full": meta_loss_full}
     for name, sel in (("train", ~holdout), ("holdout", holdout)):
         loss, acc = rows[sel, 1:1 + K], rows[sel, 1 + K:]
         out[f"{name}_agent_loss"], out[f"{name}_agent_acc"] = loss.T.astype(np.float32), acc.T.astype(np.float32)
