@@ -104,7 +104,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked"),
         "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)"),
         "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU"),
-        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = cores / ranks on the node)"),
+        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)"),
     },
     "eval": {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),

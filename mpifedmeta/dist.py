@@ -103,6 +103,10 @@ def choose_device(world: World, preference: str = "auto", threads: int = 0) -> t
 
 
 def cpu_threads_per_rank(world: World) -> int:
+    """OMP_NUM_THREADS when the user set it, else the rank's share of the cores it may run on."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     bound = available < (os.cpu_count() or available)   # the launcher pinned this rank to its own cores
     return max(1, available if bound else available // world.local_size)

@@ -26,6 +26,10 @@ METRICS_FILE = "metrics.h5"
 METRICS_FORMAT = "mpifedmeta.metrics"
 #: File names written by :func:`make_report`, in order.
 REPORT_FILES = ("accuracy.png", "loss.png", "distribution.png", "train_meta_loss.png", "summary.md")
+STATIONARITY_FILE = "stationarity.png"   # written only when some run tracked ‖∇F(w)‖² (eval.stationarity)
+# Config keys that do not define an experiment (seeds are aggregated over, the rest is bookkeeping).
+_NOT_EXPERIMENT = {"train": ("seed", "threads", "device", "strategy", "chunk", "memory_budget"),
+                   "eval": ("chunk",), "output": ("dir", "checkpoint_every", "keep", "progress_every")}
 
 _DASH = "\u2013"  # shown for missing values (no holdout agents, k not evaluated, ...)
 
@@ -61,6 +65,8 @@ class RunMetrics:
     holdout_agent_ids: np.ndarray  # (H,) int64
     train: dict[str, np.ndarray]  # 1-D arrays of the `train` group: round, meta_loss, wall_time, ...
     attrs: dict[str, Any] = field(default_factory=dict)  # other file attributes (strategy, versions, ...)
+    grad_norm_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) ‖∇F(w)‖², NaN when not tracked
+    meta_loss_full: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) F(w) on full local data
 
     @property
     def name(self) -> str:
@@ -205,6 +211,7 @@ def load_run(out_dir: str) -> RunMetrics:
                 raise bad("'eval/round' is not 1-D")
             R = rounds.size
 
+            extra_scalars: dict[str, np.ndarray] = {}
             means = {}
             for name in ("train_loss_mean", "train_acc_mean", "holdout_loss_mean", "holdout_acc_mean"):
                 d = read(ev, name, required=name.startswith("train"))
@@ -228,6 +235,10 @@ def load_run(out_dir: str) -> RunMetrics:
                 if R == 0:
                     return np.zeros((K, d.shape[2]), np.float64)
                 return np.asarray(d[R - 1], dtype=np.float64)
+
+            for name in ("grad_norm_sq", "meta_loss_full"):
+                d = read(ev, name, required=False)
+                extra_scalars[name] = np.full(R, np.nan) if d is None else np.asarray(d[:], dtype=np.float64)
 
             finals = {
                 "final_train_agent_loss": last_row("train_agent_loss", train_ids.size),
@@ -254,6 +265,7 @@ def load_run(out_dir: str) -> RunMetrics:
         holdout_agent_ids=holdout_ids,
         train=train,
         attrs=attrs,
+        **extra_scalars,
         **finals,
     )
 
@@ -585,5 +597,93 @@ def make_report(out_dirs: list[str], dest: str, labels: list[str] | None = None)
     _curves_plot(runs, labels, colors, ks, "loss", loss)
     _distribution_plot(runs, labels, colors, ks, dist)
     _meta_loss_plot(runs, labels, colors, meta)
-    _write_text(summary, _summary(runs, labels, ks, list(REPORT_FILES[:4])))
-    return [acc, loss, dist, meta, summary]
+    images = list(REPORT_FILES[:4])
+    written = [acc, loss, dist, meta]
+    if any(np.isfinite(r.grad_norm_sq).any() for r in runs):
+        path = os.path.join(dest, STATIONARITY_FILE)
+        _stationarity_plot(runs, labels, colors, path)
+        images.append(STATIONARITY_FILE)
+        written.append(path)
+    text = _summary(runs, labels, ks, images)
+    groups = experiment_groups(runs)
+    if any(len(members) > 1 for _, members in groups):
+        text = text.replace("\n## Runs\n", "\n" + _seed_table(groups, ks) + "\n## Runs\n", 1)
+    _write_text(summary, text)
+    return written + [summary]
+
+
+# --------------------------------------------------------------------------- seeds and theory
+
+
+def _experiment_key(config: dict) -> str:
+    reduced = {sec: {k: v for k, v in vals.items() if k not in _NOT_EXPERIMENT.get(sec, ())}
+               for sec, vals in config.items() if isinstance(vals, dict)}
+    return json.dumps(reduced, sort_keys=True)
+
+
+def experiment_groups(runs: list[RunMetrics]) -> list[tuple[str, list[RunMetrics]]]:
+    """Runs grouped by configuration apart from the seed; each group labelled by the keys that
+    differ between groups (e.g. ``nu=3 metagrad=hf``). Order of first appearance."""
+    order: dict[str, list[RunMetrics]] = {}
+    for r in runs:
+        order.setdefault(_experiment_key(r.config), []).append(r)
+    configs = [json.loads(k) for k in order]
+    varying = []
+    for sec in sorted({s for c in configs for s in c}):
+        for k in sorted({k for c in configs for k in c.get(sec, {})}):
+            if len({json.dumps(c.get(sec, {}).get(k)) for c in configs}) > 1:
+                varying.append((sec, k))
+    out = []
+    for key, members in order.items():
+        c = json.loads(key)
+        label = " ".join(f"{k}={_fmt_value(c.get(sec, {}).get(k))}" for sec, k in varying) or "all runs"
+        out.append((label, members))
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    v = np.array([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return _DASH
+    return f"{100 * v.mean():.1f} ± {100 * v.std():.1f}" if v.size > 1 else f"{100 * v[0]:.1f}"
+
+
+def _seed_table(groups, ks) -> str:
+    """Final personalized accuracy per experiment: mean ± std over seeds of the agents' mean."""
+    head = ["experiment", "seeds"] + [f"train k={k}" for k in ks] + [f"holdout k={k}" for k in ks] + ["s/round"]
+    lines = ["## Aggregated over seeds", "",
+             "Personalized test accuracy (%) at the last evaluated round after k fine-tuning steps: mean ± std over "
+             "seeds of the mean over agents; s/round = median training time per round, mean over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for label, members in groups:
+        row = [_md_escape(label), str(len(members))]
+        for what in ("train_acc_mean", "holdout_acc_mean"):
+            for k in ks:
+                vals = []
+                for r in members:
+                    j = r.k_index(k)
+                    if j is not None and r.eval_round.size:
+                        vals.append(float(getattr(r, what)[-1, j]))
+                row.append(_mean_std(vals))
+        times = [float(np.median(r.train["round_time"])) for r in members
+                 if "round_time" in r.train and r.train["round_time"].size]
+        row.append(f"{np.mean(times):.3f}" if times else _DASH)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _stationarity_plot(runs, labels, colors, path: str) -> None:
+    """‖∇F(w)‖² and F(w) (full local data, exact meta-gradient) over rounds, log scale."""
+    fig, axes = _new_figure(2)
+    for run, label, color in zip(runs, labels, colors):
+        ok = np.isfinite(run.grad_norm_sq)
+        if ok.any():
+            axes[0].semilogy(run.eval_round[ok], np.maximum(run.grad_norm_sq[ok], 1e-300), color=color, label=label)
+            axes[1].plot(run.eval_round[ok], run.meta_loss_full[ok], color=color, label=label)
+    axes[0].set_title("stationarity ‖∇F(w)‖²")
+    axes[1].set_title("meta-loss F(w)")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
