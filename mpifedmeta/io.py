@@ -169,7 +169,8 @@ def create_metrics(out_dir: str, config_json: str, attrs: dict, partition: dict[
         for name in EVAL_MEANS:
             e.create_dataset(name, shape=(0, K), maxshape=(None, K), dtype=np.float64, chunks=(256, K))
         for name, n in zip(EVAL_AGENTS, (A, A, H, H)):
-            e.create_dataset(name, shape=(0, K, n), maxshape=(None, K, n), dtype=np.float32,
+            # (an empty agent axis, e.g. no holdout agents, must still be resizable: maxshape None there)
+            e.create_dataset(name, shape=(0, K, n), maxshape=(None, K, n if n else None), dtype=np.float32,
                              chunks=(1, K, max(1, min(n, 1 << 16))))
         e.create_dataset("train_agent_ids", data=np.asarray(train_agent_ids, dtype=np.int64))
         e.create_dataset("holdout_agent_ids", data=np.asarray(holdout_agent_ids, dtype=np.int64))
