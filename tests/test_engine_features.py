@@ -1,0 +1,122 @@
+"""Engine features beyond the core loop: auto strategy, stationarity diagnostics, sweeps, seed tables."""
+
+import json
+import os
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpifedmeta import config, metagrad, runner, sweep
+from mpifedmeta.dist import World
+from mpifedmeta.report import experiment_groups, load_run, make_report
+
+TINY = ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=4", "train.local_steps=2",
+        "train.rounds=3", "eval.every=3", "model.hidden=[16]", "eval.finetune_steps=[0,1]"]
+
+
+def serial_world():
+    return World(MPI.COMM_SELF, 0, 1, 0, 1)
+
+
+def run_inprocess(tmp_path, name, extra):
+    out = str(tmp_path / name)
+    cfg = config.load(None, TINY + extra + [f'output.dir="{out}"'])
+    assert runner.start_new(cfg, serial_world()) == 0
+    return out
+
+
+def final_model(out):
+    path = sorted(os.listdir(os.path.join(out, "checkpoints")))[-1]
+    with h5py.File(os.path.join(out, "checkpoints", path), "r") as f:
+        return {k: v[()] for k, v in f["model"].items()}, dict(f.attrs)
+
+
+def test_auto_strategy_is_recorded_and_reused_on_resume(tmp_path):
+    out = run_inprocess(tmp_path, "auto", ["train.strategy=auto"])
+    with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
+        chosen = f.attrs["strategy"]
+        assert f.attrs["strategy_setting"] == "auto"
+    assert chosen in ("vmap", "chunked", "loop")
+    _, attrs = final_model(out)
+    assert attrs["strategy"] == chosen
+    # a resumed auto run continues with the recorded strategy, bit for bit
+    assert runner.resume(out, serial_world(), 5) == 0
+    resumed, _ = final_model(out)
+    ref = run_inprocess(tmp_path, "ref", ["train.strategy=" + str(chosen), "train.rounds=5"])
+    expected, _ = final_model(ref)
+    assert all(np.array_equal(resumed[k], expected[k]) for k in expected)
+
+
+def test_strategies_give_the_same_training_run(tmp_path):
+    models = {s: final_model(run_inprocess(tmp_path, s, [f"train.strategy={s}", "train.chunk=2", "train.dtype=float64"]))[0]
+              for s in ("vmap", "chunked", "loop")}
+    for s in ("chunked", "loop"):
+        for k in models["vmap"]:
+            np.testing.assert_allclose(models[s][k], models["vmap"][k], rtol=1e-10, atol=1e-12)
+
+
+def test_stationarity_matches_a_direct_per_agent_computation(tmp_path):
+    out = run_inprocess(tmp_path, "stat", ["eval.stationarity=true", "train.dtype=float64", "model.name=linear",
+                                           "train.nu=2", "train.alpha=0.3"])
+    cfg = config.load(None, TINY + ["train.dtype=float64", "model.name=linear", "train.nu=2", "train.alpha=0.3"])
+    s = runner.setup(cfg, serial_world())
+    params, _ = final_model(out)
+    params = {k: torch.as_tensor(v) for k, v in params.items()}
+    grads, values = [], []
+    blk = s.block
+    for a in range(s.num_train):      # per-agent loop with plain autograd on the full training split
+        rows = torch.arange(int(blk.train_offset[a]), int(blk.train_offset[a] + blk.train_count[a]))
+        idx = rows.view(1, -1)
+        mask = torch.ones(1, len(rows), dtype=torch.float64)
+        g, v = metagrad.agent_meta_gradient_autograd(s.loss, params, blk.X_train, blk.Y_train, idx, mask,
+                                                     2, 0.3, "exact")
+        grads.append(torch.cat([t.reshape(-1) for t in g.values()]))
+        values.append(float(v))
+    full = torch.stack(grads).mean(0)
+    with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
+        gn, F = f["eval/grad_norm_sq"][-1], f["eval/meta_loss_full"][-1]
+        assert np.isfinite(f["eval/grad_norm_sq"][()]).all()
+    assert gn == pytest.approx(float(full @ full), rel=1e-9)
+    assert F == pytest.approx(np.mean(values), rel=1e-12)
+
+
+def test_no_holdout_agents(tmp_path):
+    out = run_inprocess(tmp_path, "noho", ["data.holdout_agents=0"])
+    with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
+        assert f["eval/holdout_agent_acc"].shape == (2, 2, 0)
+        assert np.isnan(f["eval/holdout_acc_mean"][()]).all()
+
+
+def test_sweep_plan_names_and_values():
+    todo = sweep.plan("OUT", ["train.nu=0,1", "model.hidden=[8,4],[16]", "train.metagrad=exact"])
+    assert [d for d, _ in todo] == ["OUT/nu=0_hidden=8,4_metagrad=exact", "OUT/nu=0_hidden=16_metagrad=exact",
+                                    "OUT/nu=1_hidden=8,4_metagrad=exact", "OUT/nu=1_hidden=16_metagrad=exact"]
+    assert todo[1][1] == ["train.nu=0", "model.hidden=[16]", "train.metagrad=exact"]
+    with pytest.raises(config.ConfigError, match="train.nux"):
+        sweep.plan("OUT", ["train.nux=1,2"])
+
+
+def test_sweep_cli_runs_each_point_once_and_report_aggregates_seeds(tmp_path, cli_env):
+    out = str(tmp_path / "sw")
+    cmd = ["mpifedmeta", "sweep", "configs/quickstart.toml", "--grid", "train.nu=0,1", "--grid", "train.seed=0,1",
+           "--out", out] + [a for t in TINY for a in ("--set", t)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(cmd, cwd=repo, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(out)) == ["nu=0_seed=0", "nu=0_seed=1", "nu=1_seed=0", "nu=1_seed=1"]
+    again = subprocess.run(cmd + ["--task", "3"], cwd=repo, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    bad = subprocess.run(cmd + ["--task", "9"], cwd=repo, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--task 9" in bad.stderr
+    runs = [load_run(os.path.join(out, d)) for d in sorted(os.listdir(out))]
+    groups = experiment_groups(runs)
+    assert [(label, len(m)) for label, m in groups] == [("nu=0", 2), ("nu=1", 2)]
+    paths = make_report([os.path.join(out, d) for d in sorted(os.listdir(out))], str(tmp_path / "rep"))
+    text = open(paths[-1]).read()
+    assert "## Aggregated over seeds" in text and "| nu=1 | 2 |" in text
+    acc = [r.train_acc_mean[-1, 1] for r in runs[2:]]
+    assert f"{100 * np.mean(acc):.1f} ± {100 * np.std(acc):.1f}" in text
