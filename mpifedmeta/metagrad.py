@@ -189,17 +189,46 @@ def agent_meta_gradient_unrolled(loss: LossFn, params: Params, X, Y, idx, mask, 
     return grad_and_value(meta_loss)(params)
 
 
+_compiled: dict = {}
+_compile_failed: dict = {}
+
+
+def _vmapped_compiled(loss: LossFn, nu: int, alpha: float, method: str, delta: float):
+    """torch.compile of the vmapped per-agent meta-gradient (cached per loss and hyper-parameters)."""
+    key = (id(loss), nu, alpha, method, delta)
+    if key not in _compiled:
+        def one(p, i, m, X, Y):
+            return agent_meta_gradient(loss, p, X, Y, i, m, nu, alpha, method, delta)
+        _compiled[key] = torch.compile(vmap(one, in_dims=(0, 0, 0, None, None)), dynamic=False)
+    return _compiled[key], key
+
+
 def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float,
                          method: str = "exact", delta: float = 1e-3, strategy: str = "vmap",
-                         chunk: int = 64, unrolled: bool = False) -> tuple[Params, torch.Tensor]:
+                         chunk: int = 64, unrolled: bool = False,
+                         compile: bool = False) -> tuple[Params, torch.Tensor]:
     """Meta-gradients of a block of B agents at once.
 
     ``params``: stacked parameters (B, ...); ``idx``/``mask``: (B, slots, b). Strategies give the
     same numbers: ``vmap`` (one batched pass), ``chunked`` (vmap over chunks of ``chunk`` agents,
     bounded memory) and ``loop`` (one agent at a time with plain torch.autograd, as other FL
     simulators compute; fastest where vmap turns per-agent weights into slow grouped kernels).
+    ``compile=True`` runs the vmap strategies through torch.compile; where compiling fails (e.g.
+    forward-over-reverse HVPs) it warns once and falls back to eager execution.
     Returns (meta-gradients stacked (B, ...), meta-losses (B,)).
     """
+    if compile and not unrolled and strategy in ("vmap", "chunked"):
+        fn, key = _vmapped_compiled(loss, nu, alpha, method, delta)
+        if key not in _compile_failed:
+            try:
+                step = chunk if strategy == "chunked" else idx.shape[0]
+                parts = [fn({k: v[s:s + step] for k, v in params.items()}, idx[s:s + step], mask[s:s + step], X, Y)
+                         for s in range(0, idx.shape[0], step)]
+                return ({k: torch.cat([g[k] for g, _ in parts]) for k in params}, torch.cat([v for _, v in parts]))
+            except Exception as e:  # torch.compile cannot handle every transform combination
+                _compile_failed[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                import warnings
+                warnings.warn(f"train.compile: torch.compile failed ({_compile_failed[key][:200]}); running eagerly")
     if unrolled:
         if method != "exact":
             raise ValueError("the unrolled form exists only for metagrad = 'exact'")
@@ -233,7 +262,7 @@ def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
 
 def local_update(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float, beta: float,
                  method: str = "exact", delta: float = 1e-3, strategy: str = "vmap",
-                 chunk: int = 64) -> tuple[Params, torch.Tensor]:
+                 chunk: int = 64, compile: bool = False) -> tuple[Params, torch.Tensor]:
     """τ chained local meta-steps w ← w − β·∇̃F_i(w) for a block of agents.
 
     ``params``: stacked starting models (B, ...); ``idx``/``mask``: (B, τ, slots, b), one set of
@@ -242,7 +271,7 @@ def local_update(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: 
     losses = []
     for t in range(idx.shape[1]):
         g, value = block_meta_gradients(loss, params, X, Y, idx[:, t], mask[:, t], nu, alpha,
-                                        method, delta, strategy, chunk)
+                                        method, delta, strategy, chunk, compile=compile)
         params = _axpy(-beta, g, params)
         losses.append(value)
     return params, torch.stack(losses, dim=1)

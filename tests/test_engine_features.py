@@ -120,3 +120,23 @@ def test_sweep_cli_runs_each_point_once_and_report_aggregates_seeds(tmp_path, cl
     assert "## Aggregated over seeds" in text and "| nu=1 | 2 |" in text
     acc = [r.train_acc_mean[-1, 1] for r in runs[2:]]
     assert f"{100 * np.mean(acc):.1f} ± {100 * np.std(acc):.1f}" in text
+
+
+def test_compile_option_matches_eager_or_falls_back():
+    torch.manual_seed(0)
+    from mpifedmeta.models import build_model, param_dict
+    model = build_model("linear", (6,), 3).double()
+    loss = metagrad.make_loss(model)
+    p = param_dict(model)
+    B = 3
+    stacked = {k: v.unsqueeze(0).repeat(B, *[1] * v.dim()) + 0.01 * torch.randn(B, *v.shape, dtype=v.dtype)
+               for k, v in p.items()}
+    X, Y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    for method in ("fo", "exact"):
+        S = metagrad.num_slots(1, method)
+        idx, mask = torch.randint(0, 40, (B, S, 8)), torch.ones(B, S, 8, dtype=torch.float64)
+        eager, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx, mask, 1, 0.1, method)
+        with __import__("warnings").catch_warnings(record=True):
+            compiled, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx, mask, 1, 0.1, method, compile=True)
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-10, atol=1e-12)
