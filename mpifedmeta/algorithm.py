@@ -57,12 +57,12 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
     """Run the τ local meta-steps of this block's sampled agents; return their weighted sum.
 
     Returns (int64 limbs (2, d + 1) = exact Σ_i p_i·[θ_i, mean_t meta-loss_i], number of terms
-    out of the representable range). Agents of other blocks contribute nothing here.
+    out of the representable range), on the block's device. Agents of other blocks contribute nothing.
     """
     mine = (cohort >= block.lo) & (cohort < block.hi)
     d = sum(p.numel() for p in global_params.values())
     if not mine.any():
-        return torch.zeros(2, d + 1, dtype=torch.int64), 0
+        return torch.zeros(2, d + 1, dtype=torch.int64, device=block.device), 0
     dev = block.device
     ids = torch.as_tensor(cohort[mine], device=dev)
     positions = ids - block.lo
@@ -75,7 +75,7 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
     p = torch.as_tensor(weights[mine], dtype=torch.float64, device=dev).unsqueeze(1)
     terms = p * torch.cat([flatten(params, batch_dims=1).to(torch.float64),
                            losses.to(torch.float64).mean(dim=1, keepdim=True)], dim=1)
-    return exactsum.encode_sum(terms).cpu(), exactsum.out_of_range(terms)
+    return exactsum.encode_sum(terms), exactsum.out_of_range(terms)
 
 
 def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,
@@ -104,7 +104,7 @@ def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: 
     """The block's exact share of [∇F(w), F(w)] with F = (1/N) Σ_i f_i(θ_i^ν) over the N training
     agents, full local training data, exact meta-gradient. Returns int64 limbs (2, d + 1)."""
     d = sum(p.numel() for p in global_params.values())
-    total = torch.zeros(2, d + 1, dtype=torch.int64)
+    total = torch.zeros(2, d + 1, dtype=torch.int64, device=block.device)
     lo, hi = block.lo, min(block.hi, num_train)
     for start in range(lo, hi, chunk):
         ids = torch.arange(start, min(start + chunk, hi), device=block.device)
@@ -114,5 +114,5 @@ def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: 
         g, value = metagrad.block_meta_gradients(loss, stacked, block.X_train, block.Y_train, idx[:, None, :],
                                                  mask[:, None, :].to(block.X_train.dtype), nu, alpha, "exact")
         terms = torch.cat([flatten(g, batch_dims=1).to(torch.float64), value.to(torch.float64)[:, None]], dim=1)
-        total += exactsum.encode_sum(terms / num_train).cpu()
+        total += exactsum.encode_sum(terms / num_train)
     return total

@@ -129,6 +129,21 @@ def allreduce_sum(world: World, buffer: np.ndarray) -> np.ndarray:
     return buffer
 
 
+def allreduce_tensor(world: World, buffer: torch.Tensor) -> np.ndarray:
+    """SUM Allreduce of a contiguous tensor; returns the result as a host numpy array.
+
+    A GPU buffer goes to MPI directly when the MPI library is CUDA-aware, else it is staged
+    through host memory (the default with the PyPI mpich wheel).
+    """
+    if world.size > 1 and buffer.is_cuda and cuda_aware():
+        buffer = buffer.contiguous()
+        torch.cuda.current_stream(buffer.device).synchronize()
+        world.comm.Allreduce(_mpi().IN_PLACE, buffer, op=_mpi().SUM)
+        return buffer.cpu().numpy()
+    host = np.ascontiguousarray(buffer.cpu().numpy())
+    return allreduce_sum(world, host)
+
+
 def allreduce_max_int(world: World, value: int) -> int:
     if world.size == 1:
         return value

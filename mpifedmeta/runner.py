@@ -162,8 +162,8 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
         limbs = algorithm.stationarity_block(s.loss, s.block, params, s.num_train, s.cfg.train.nu,
-                                             s.cfg.train.alpha, s.cfg.eval.chunk).numpy()
-        total = exactsum.decode(dist.allreduce_sum(s.world, limbs.reshape(-1)).reshape(2, -1))
+                                             s.cfg.train.alpha, s.cfg.eval.chunk)
+        total = exactsum.decode(dist.allreduce_tensor(s.world, limbs.reshape(-1)).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
     if not s.world.is_root:
         return None
@@ -240,9 +240,9 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
             _maybe_inject_failure(world, r)
             stop = 1 if _stop_requested["signal"] else 0
-            buf = np.concatenate([limbs.numpy().reshape(-1), np.array([bad, stop], dtype=np.int64)])
+            flags = torch.tensor([bad, stop], dtype=torch.int64, device=limbs.device)
             t1 = time.perf_counter()
-            dist.allreduce_sum(world, buf)
+            buf = dist.allreduce_tensor(world, torch.cat([limbs.reshape(-1), flags]))
             t_ar = time.perf_counter() - t1
             bad, stop = int(buf[-2]), int(buf[-1])
             if bad:
@@ -261,7 +261,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
                                   "round_time": round_time, "allreduce_time": t_ar,
                                   "bytes_allreduced": buf.nbytes, "num_sampled": K})
             is_eval = r % cfg.eval.every == 0 or r == R
-            is_ckpt = r % cfg.output.checkpoint_every == 0 or r == R or stop
+            is_ckpt = r % cfg.output.checkpoint_every == 0 or r == R or bool(stop)
             if is_eval:
                 last_eval = evaluate(s, params, r)
                 if world.is_root:
@@ -279,7 +279,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
                     io.write_checkpoint(out_dir, r, _params_numpy(params), cfg.to_json(),
                                         _ckpt_attrs(s, wall), cfg.output.keep)
                 dist.barrier(world)
-            if stop:
+            if stop and r < R:
                 code = EXIT_STOPPED
                 say(world, f"mpifedmeta: stop requested ({_stop_requested['signal'] or 'signal on another rank'}); "
                            f"checkpoint of round {r} written to {out_dir}; continue with `mpifedmeta resume {out_dir}` "
