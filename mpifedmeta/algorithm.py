@@ -43,7 +43,7 @@ def round_batches(block: AgentBlock, spec: RoundSpec, round_: int, ids: torch.Te
     """Sample indices (B, τ, slots, b) into the block's training tensors and their mask."""
     tau = spec.local_steps
     if spec.batch_size == "full":
-        idx, mask = padded_rows(block.train_offset, block.train_count, positions)
+        idx, mask = padded_rows(block.train_offset, block.train_count, positions, block.train_width)
         shape = (idx.shape[0], tau, 1, idx.shape[1])
         return idx[:, None, None, :].expand(shape), mask[:, None, None, :].expand(shape).to(block.X_train.dtype)
     slots = metagrad.num_slots(spec.nu, spec.method)
@@ -89,8 +89,8 @@ def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agen
     if len(mine) == 0:
         return np.zeros((0, 1 + 2 * len(ks)))
     pos = torch.as_tensor(mine - block.lo, device=block.device)
-    tr_idx, tr_mask = padded_rows(block.train_offset, block.train_count, pos)
-    te_idx, te_mask = padded_rows(block.test_offset, block.test_count, pos)
+    tr_idx, tr_mask = padded_rows(block.train_offset, block.train_count, pos, block.train_width)
+    te_idx, te_mask = padded_rows(block.test_offset, block.test_count, pos, block.test_width)
     dt = block.X_train.dtype
     losses, accs = metagrad.personalized_metrics(loss, logits_fn, global_params, block.X_train, block.Y_train,
                                                  tr_idx, tr_mask.to(dt), block.X_test, block.Y_test, te_idx,
@@ -108,7 +108,7 @@ def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: 
     lo, hi = block.lo, min(block.hi, num_train)
     for start in range(lo, hi, chunk):
         ids = torch.arange(start, min(start + chunk, hi), device=block.device)
-        idx, mask = padded_rows(block.train_offset, block.train_count, ids - block.lo)
+        idx, mask = padded_rows(block.train_offset, block.train_count, ids - block.lo, block.train_width)
         B = len(ids)
         stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
         g, value = metagrad.block_meta_gradients(loss, stacked, block.X_train, block.Y_train, idx[:, None, :],

@@ -24,6 +24,8 @@ class AgentBlock:
     Y_test: torch.Tensor
     test_offset: torch.Tensor
     test_count: torch.Tensor
+    train_width: int             # the largest training split of ANY agent (all ranks agree on it)
+    test_width: int
 
     @property
     def num_agents(self) -> int:
@@ -52,17 +54,21 @@ def build_block(x: np.ndarray, y: np.ndarray, partition, lo: int, hi: int, devic
 
     return AgentBlock(lo, hi,
                       put(x[tr_idx], dtype), put(y[tr_idx], torch.int64), put(tr_off), put(tr_cnt),
-                      put(x[te_idx], dtype), put(y[te_idx], torch.int64), put(te_off), put(te_cnt))
+                      put(x[te_idx], dtype), put(y[te_idx], torch.int64), put(te_off), put(te_cnt),
+                      int(np.diff(partition.train_ptr).max()), int(np.diff(partition.test_ptr).max()))
 
 
-def padded_rows(offset: torch.Tensor, count: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each selected agent's rows padded to the longest: (B, n_max) indices and a 0/1 mask.
+def padded_rows(offset: torch.Tensor, count: torch.Tensor, positions: torch.Tensor,
+                width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each selected agent's rows padded to ``width``: (B, width) indices and a 0/1 mask.
 
     Padding points at the agent's first row and has mask 0, so it never changes a masked mean.
+    ``width`` must not depend on which agents a rank holds (use the largest split of any agent):
+    the rounding of the masked sums depends on the padded length, and results must be the same
+    for any number of ranks.
     """
     cnt = count[positions]
-    n_max = int(cnt.max()) if len(cnt) else 0
-    ar = torch.arange(n_max, device=offset.device)
+    ar = torch.arange(width, device=offset.device)
     mask = ar.unsqueeze(0) < cnt.unsqueeze(1)
     idx = offset[positions].unsqueeze(1) + torch.where(mask, ar.unsqueeze(0), torch.zeros_like(ar).unsqueeze(0))
     return idx, mask

@@ -29,17 +29,16 @@ VARIANTS = {
     "float32": sets(train__dtype="float32"),
     "float64-samples-dirichlet": sets(train__dtype="float64", train__weighting="samples",
                                       data__partition="dirichlet", data__dirichlet_alpha=0.3),
+    "float32-fullbatch-dirichlet": sets(train__batch_size="full", data__partition="dirichlet",
+                                        data__dirichlet_alpha=0.3),
 }
-# float32 with dirichlet (unequal counts) is covered in-process by the block-composition tests below.
 COMPARED = ("train/round", "train/meta_loss", "train/num_sampled", "eval/round", "eval/train_agent_acc",
             "eval/holdout_agent_acc", "eval/train_acc_mean", "eval/holdout_acc_mean",
             "eval/train_agent_loss", "eval/holdout_agent_loss", "eval/train_loss_mean", "eval/holdout_loss_mean",
             "partition/train_ptr", "partition/train_idx", "partition/test_ptr", "partition/test_idx")
-# Known bug (see test_evaluation_does_not_depend_on_block_composition): with unequal sample counts
-# (dirichlet) the personalized *losses* depend on which agents share a rank (seen in float32 and float64).
-# Accuracies, the model and the training table do not.
-_EVAL_LOSSES = ("eval/train_agent_loss", "eval/holdout_agent_loss", "eval/train_loss_mean", "eval/holdout_loss_mean")
-KNOWN_P_DEPENDENT = {"float64-samples-dirichlet": _EVAL_LOSSES}
+# Padded (full-batch) computations pad every agent to the largest split of ANY agent, so even with
+# unequal sample counts nothing depends on which agents share a rank: no exceptions.
+KNOWN_P_DEPENDENT: dict = {}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -130,9 +129,6 @@ def test_round_does_not_depend_on_block_composition(dtype):
         assert np.array_equal(ref, _summed_limbs(s, ds, params, split)), split
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: batch_size='full' pads each rank's sampled agents to the longest of "
-                   "them (block.padded_rows); the masked full-batch loss/gradients then depend on the padded width, "
-                   "so the FedAvg result depends on how agents are split over ranks (P) when sample counts differ")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_full_batch_round_does_not_depend_on_block_composition(dtype):
     s, ds, params = _block_setup("\"full\"", dtype)
@@ -151,9 +147,6 @@ def test_evaluation_accuracy_does_not_depend_on_block_composition():
         assert np.array_equal(ref[:, 1 + K:], rows[:, 1 + K:]), split      # accuracies
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: evaluation pads each rank's evaluated agents to the longest of them "
-                   "(block.padded_rows); the personalized test losses (eval/*_agent_loss, *_loss_mean) then "
-                   "differ in the last bits between P=1 and P=2/3 with unequal sample counts (float32 and float64)")
 def test_evaluation_does_not_depend_on_block_composition():
     s, ds, params = _block_setup(8, "float32")
     ref = _eval_rows(s, ds, params, SPLITS[0])

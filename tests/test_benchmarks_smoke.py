@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark scripts: each runs its --quick setting and writes valid JSON.
+
+Tiny settings only (the real runs are documented in benchmarks/README.md); the numbers are not
+checked, only that every script runs end to end and records what it measured and where.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+
+
+def _run(script, tmp_path, *extra, timeout=120):
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("MPIFEDMETA_INJECT_FAILURE", None)
+    r = subprocess.run([sys.executable, os.path.join(BENCH, f"{script}.py"), "--quick", "--out", str(out), *extra],
+                       capture_output=True, text=True, env=env, timeout=timeout, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == script
+    m = data["machine"]
+    for key in ("torch_version", "device", "cpu_count", "torch_threads", "date_utc"):
+        assert key in m, key
+    assert data["rows"], "no measurements"
+    return data
+
+
+def test_throughput_quick(tmp_path):
+    d = _run("throughput", tmp_path, "--threads", "1")
+    assert all(r["ok"] for r in d["agreement"])
+    row = d["rows"][0]
+    assert row["baseline_aps"] > 0 and row["vmap_aps"] > 0
+    assert d["end_to_end"]["rel_err_models"] < 1e-4
+
+
+def test_memory_quick(tmp_path):
+    d = _run("memory", tmp_path, "--threads", "1")
+    assert all(r.get("peak_mb", -1) >= 0 for r in d["rows"])
+    assert os.path.exists(tmp_path / "memory.png")
+
+
+def test_flops_quick(tmp_path):
+    d = _run("flops", tmp_path, "--threads", "1")
+    assert d["peak_reference"]["gflops_median"] > 0
+    assert all(r["flops"] > 0 and r["gflops"] > 0 for r in d["rows"])
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
+                    reason="no mpiexec")
+def test_scaling_quick(tmp_path):
+    d = _run("scaling", tmp_path, "--no-probe", "--ranks", "2", timeout=180)
+    row = d["rows"][0]
+    assert row["P"] == 2 and row["round_time_median_s"] > 0 and row["bytes_allreduced"] > 0
