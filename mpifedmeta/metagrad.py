@@ -67,8 +67,11 @@ def _axpy(a: float, x: Params, y: Params) -> Params:
     return {k: y[k] + a * x[k] for k in y}
 
 
-def _slot(idx: torch.Tensor, s: int) -> int:
-    return 0 if idx.shape[0] == 1 else s
+def _batch(X, Y, idx, mask, s: int):
+    """(x, y, mask) of slot ``s``; a single slot serves every purpose ("full" batches)."""
+    s = 0 if idx.shape[0] == 1 else s
+    rows = idx[s]
+    return X[rows], Y[rows], mask[s]
 
 
 def finetune(loss: LossFn, params: Params, x, y, mask, steps: int, alpha: float) -> list[Params]:
@@ -102,9 +105,7 @@ def agent_meta_gradient(loss: LossFn, params: Params, X: torch.Tensor, Y: torch.
     """
 
     def batch(s: int):
-        s = _slot(idx, s)
-        rows = idx[s]
-        return X[rows], Y[rows], mask[s]
+        return _batch(X, Y, idx, mask, s)
 
     g_fn = grad(loss)
     thetas = [params]
@@ -131,9 +132,7 @@ def agent_meta_gradient_autograd(loss: LossFn, params: Params, X, Y, idx, mask, 
     per-call overhead of the torch.func transforms, and it is what per-agent loops elsewhere do."""
 
     def batch(s: int):
-        s = _slot(idx, s)
-        rows = idx[s]
-        return X[rows], Y[rows], mask[s]
+        return _batch(X, Y, idx, mask, s)
 
     names = list(params)
 
@@ -176,9 +175,7 @@ def agent_meta_gradient_unrolled(loss: LossFn, params: Params, X, Y, idx, mask, 
     """
 
     def batch(s: int):
-        s = _slot(idx, s)
-        rows = idx[s]
-        return X[rows], Y[rows], mask[s]
+        return _batch(X, Y, idx, mask, s)
 
     def meta_loss(w: Params) -> torch.Tensor:
         theta = w
