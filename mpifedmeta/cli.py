@@ -56,6 +56,8 @@ def _fail(world, message: str, code: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import signals
+    signals.install()                    # before torch/MPI load: a stop signal during start-up is kept, not fatal
     args = _parser().parse_args(argv)
     if args.command == "config":
         from .config import describe
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         world = dist.init_world()
     except dist.LaunchError as e:
         return _fail(None, str(e))
-    runner.install_signal_handlers()     # right after MPI init: the mpich wheel installs its own USR1 handler there
+    signals.install()                    # again right after MPI init: the mpich wheel installs its own USR1 handler there
     dist.install_abort_handler(world)
     if args.command == "info":
         from .info import print_info

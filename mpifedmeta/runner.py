@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -17,14 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, dist, exactsum, io, metagrad, rng
+from . import __version__, algorithm, dist, exactsum, io, metagrad, rng, signals
 from .block import build_block
 from .config import Config, ConfigError, from_json
 from .data import DataError, load_dataset, make_partition
 from .models import build_model, flatten, param_dict, unflatten
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 # Keys that may change between a run and its resumption.
 RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk", "memory_budget", "compile"),
                   "eval": ("chunk",), "output": ("checkpoint_every", "keep", "progress_every", "dir")}
@@ -34,18 +32,6 @@ class BadInput(RuntimeError):
     """Bad configuration, files or flags: one line, exit code 2 on every rank."""
 
 
-_stop_requested = {"signal": None}
-
-
-def _on_signal(signum, frame):
-    _stop_requested["signal"] = signal.Signals(signum).name
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM/SIGINT/SIGUSR1: finish the current round, checkpoint on all ranks, exit 3."""
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _on_signal)
 
 
 def say(world, *args, err: bool = False) -> None:
@@ -239,7 +225,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
             limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
             _maybe_inject_failure(world, r)
-            stop = 1 if _stop_requested["signal"] else 0
+            stop = 1 if signals.requested() else 0
             flags = torch.tensor([bad, stop], dtype=torch.int64, device=limbs.device)
             t1 = time.perf_counter()
             buf = dist.allreduce_tensor(world, torch.cat([limbs.reshape(-1), flags]))
@@ -281,7 +267,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
                 dist.barrier(world)
             if stop and r < R:
                 code = EXIT_STOPPED
-                say(world, f"mpifedmeta: stop requested ({_stop_requested['signal'] or 'signal on another rank'}); "
+                say(world, f"mpifedmeta: {_now()} stop requested ({signals.requested() or 'signal on another rank'}); "
                            f"checkpoint of round {r} written to {out_dir}; continue with `mpifedmeta resume {out_dir}` "
                            f"(exit code {EXIT_STOPPED})", err=True)
                 break
@@ -296,6 +282,10 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             print(final_table(list(cfg.eval.finetune_steps), last_eval), flush=True)
         print(f"done: {R} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
     return code
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _maybe_inject_failure(world: dist.World, round_: int) -> None:
@@ -381,7 +371,7 @@ def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:
         raise BadInput(f"{out_dir}: checkpoint parameters do not match the model ({', '.join(mismatch[:3])})")
     params = {k: torch.as_tensor(flat_params[k]).to(device=s.device, dtype=s.dtype) for k in like}
     choose_strategy(s, params, recorded)
-    say(world, f"mpifedmeta: resuming {out_dir} at round {round_} of {cfg.train.rounds} on {world.size} rank(s)")
+    say(world, f"mpifedmeta: {_now()} resuming {out_dir} at round {round_} of {cfg.train.rounds} on {world.size} rank(s)")
     return train(s, out_dir, params, round_, wall)
 
 
