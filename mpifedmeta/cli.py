@@ -125,13 +125,18 @@ def _sweep(args, world) -> int:
             for i, (d, p) in enumerate(sweep.plan(args.out, args.grid)):
                 print(f"{i:4d}  {d}  {' '.join(p)}")
         return 0
+    diverged = []
     for n, ((d, _), cfg) in enumerate(zip(todo, cfgs), 1):
         if world.is_root:
             print(f"== sweep point {n}/{len(todo)}: {d}", flush=True)
         code = runner.auto_resume_or_start(cfg, world)
-        if code != 0:
+        if code == runner.EXIT_DIVERGED:      # a result too (e.g. a step size above the stability bound)
+            diverged.append(d)
+        elif code != 0:
             return code
-    return 0
+    if diverged and world.is_root:
+        print(f"sweep: {len(diverged)} of {len(todo)} points diverged: {', '.join(diverged)}", flush=True)
+    return runner.EXIT_DIVERGED if diverged else 0
 
 
 def json_str(text: str) -> str:
