@@ -17,6 +17,7 @@ def cli_env():
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.pop("MPIFEDMETA_INJECT_FAILURE", None)
     return env
 
