@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -65,10 +66,14 @@ def install_abort_handler(world: World) -> None:
 
     def hook(exc_type, exc, tb):
         text = "".join(traceback.format_exception(exc_type, exc, tb))
-        sys.stderr.write(f"[rank {world.rank}] {text}")
-        sys.stderr.write(f"mpifedmeta: error on rank {world.rank}: {exc_type.__name__}: {exc}\n")
-        sys.stderr.flush()
+        message = f"[rank {world.rank}] {text}mpifedmeta: error on rank {world.rank}: {exc_type.__name__}: {exc}\n"
+        try:
+            sys.stdout.flush()
+            os.write(2, message.encode(errors="replace"))
+        except OSError:
+            pass
         if world.size > 1:
+            time.sleep(1.0)       # let the launcher forward this message before Abort tears the job down
             world.comm.Abort(1)
         os._exit(1)
 
