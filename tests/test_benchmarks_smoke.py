@@ -58,3 +58,8 @@ def test_scaling_quick(tmp_path):
     d = _run("scaling", tmp_path, "--no-probe", "--ranks", "2", timeout=180)
     row = d["rows"][0]
     assert row["P"] == 2 and row["round_time_median_s"] > 0 and row["bytes_allreduced"] > 0
+
+
+def test_hvp_variants_quick(tmp_path):
+    d = _run("hvp_variants", tmp_path, "--threads", "1")
+    assert d["rows"][0]["rel_err_vs_engine"]["vmap_rr"] < 1e-4
