@@ -129,7 +129,7 @@ def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
     if not usable:
         raise BadInput(f"no execution strategy fits train.memory_budget = {s.cfg.train.memory_budget} MB "
                        f"({'; '.join(f'{c}: {w}' for c, w in mine.skipped.items())})")
-    best = min(usable, key=lambda c: max(sec[c] for sec, _ in every))
+    best = strat.pick({c: max(sec[c] for sec, _ in every) for c in usable})
     s.spec = dataclasses.replace(s.spec, strategy=best)
     mine.strategy = best
     return f"auto -> {mine.describe()}"

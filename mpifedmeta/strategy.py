@@ -44,8 +44,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PREFERENCE_MARGIN = 0.10   # another candidate must be >10% faster than vmap to be chosen (timing noise)
+
+
+def pick(seconds: dict) -> str:
+    """The fastest candidate, but vmap unless another one beats it by more than the margin."""
+    best = min(seconds, key=seconds.get)
+    if "vmap" in seconds and seconds[best] > (1 - PREFERENCE_MARGIN) * seconds["vmap"]:
+        return "vmap"
+    return best
+
+
 def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, block: int,
-            memory_budget_mb: float = 0.0, repeats: int = 2) -> Choice:
+            memory_budget_mb: float = 0.0, repeats: int = 3) -> Choice:
     """Time ``step(strategy, chunk)`` (one batched meta-step) for each candidate; pick the fastest
     that stays within ``memory_budget_mb`` (0 = no limit) of memory growth."""
     seconds, peaks, skipped = {}, {}, {}
@@ -76,5 +87,4 @@ def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, 
         seconds[cand] = min(times)     # least disturbed by other processes
     if not seconds:
         return Choice("loop", chunk, seconds, peaks, skipped)
-    best = min(seconds, key=seconds.get)
-    return Choice(best, chunk, seconds, peaks, skipped)
+    return Choice(pick(seconds), chunk, seconds, peaks, skipped)

@@ -140,3 +140,10 @@ def test_compile_option_matches_eager_or_falls_back():
             compiled, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx, mask, 1, 0.1, method, compile=True)
         for k in eager:
             torch.testing.assert_close(compiled[k], eager[k], rtol=1e-10, atol=1e-12)
+
+
+def test_strategy_pick_prefers_vmap_within_the_noise_margin():
+    from mpifedmeta.strategy import pick
+    assert pick({"vmap": 1.0, "loop": 0.95, "chunked": 0.97}) == "vmap"
+    assert pick({"vmap": 1.0, "loop": 0.5}) == "loop"
+    assert pick({"loop": 2.0, "chunked": 1.0}) == "chunked"
