@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """What-if for the engine: how the exact meta-gradient's Hessian-vector products are formed.
 
-The engine (mpifedmeta.metagrad.hvp_exact) forms H·v by forward-over-reverse differentiation
-(``jvp`` of ``grad``). This script times, on the same block and batches:
+This what-if led the engine (mpifedmeta.metagrad.hvp_exact) to switch from forward-over-reverse
+(``jvp`` of ``grad``) to reverse-over-reverse HVPs; since then "vmap_jvp" below times the engine as it
+is (now the same form as vmap_rr), and results/hvp_variants.json holds the measurement made before
+the switch. This script times, on the same block and batches:
 
   baseline     the per-agent autograd loop of benchmarks/baseline.py (double backward)
   vmap_jvp     the engine as it is: block_meta_gradients(strategy="vmap")
