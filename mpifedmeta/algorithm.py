@@ -30,6 +30,7 @@ class RoundSpec:
     strategy: str
     chunk: int
     compile: bool = False
+    recompute: bool = False
 
 
 def aggregation_weights(cohort: np.ndarray, train_counts: np.ndarray, weighting: str) -> np.ndarray:
@@ -71,7 +72,7 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
     stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
     params, losses = metagrad.local_update(loss, stacked, block.X_train, block.Y_train, idx, mask,
                                            spec.nu, spec.alpha, spec.beta, spec.method, spec.delta,
-                                           spec.strategy, spec.chunk, spec.compile)
+                                           spec.strategy, spec.chunk, spec.compile, spec.recompute)
     p = torch.as_tensor(weights[mine], dtype=torch.float64, device=dev).unsqueeze(1)
     terms = p * torch.cat([flatten(params, batch_dims=1).to(torch.float64),
                            losses.to(torch.float64).mean(dim=1, keepdim=True)], dim=1)

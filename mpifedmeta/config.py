@@ -103,6 +103,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "strategy": Key("vmap", (str,), _one_of(STRATEGIES), "vmap | chunked | loop | auto (time each at start-up, keep the fastest within memory_budget)"),
         "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked"),
         "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)"),
+        "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)"),
         "compile": Key(False, (bool,), None, "run the vmap strategies through torch.compile (falls back to eager where it fails)"),
         "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU"),
         "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)"),

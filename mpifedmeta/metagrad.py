@@ -102,26 +102,39 @@ def hvp_finite_difference(loss: LossFn, theta: Params, v: Params, x, y, mask, de
 
 def agent_meta_gradient(loss: LossFn, params: Params, X: torch.Tensor, Y: torch.Tensor,
                         idx: torch.Tensor, mask: torch.Tensor, nu: int, alpha: float,
-                        method: str = "exact", delta: float = 1e-3) -> tuple[Params, torch.Tensor]:
+                        method: str = "exact", delta: float = 1e-3,
+                        recompute: bool = False) -> tuple[Params, torch.Tensor]:
     """One agent's stochastic ν-step meta-gradient and its meta-loss f(θ^ν; D').
 
     ``idx``/``mask``: (slots, b) sample indices into X/Y and weights (see module docstring).
+    ``recompute=True`` stores only θ^0 and recomputes each θ^l in the backward recursion: memory
+    for the iterates O(d) instead of O(ν·d), at the price of ν(ν−1)/2 extra inner gradients.
+    The recomputed iterates are the same operations on the same inputs, so the result is identical.
     """
 
     def batch(s: int):
         return _batch(X, Y, idx, mask, s)
 
     g_fn = grad(loss)
-    keep = method != "fo"                 # first order needs only the last iterate: memory flat in ν
+
+    def step(theta: Params, l: int) -> Params:
+        return _axpy(-alpha, g_fn(theta, *batch(l)), theta)
+
+    keep = method != "fo" and not recompute   # else only the last iterate: memory flat in ν
     thetas = [params]
     for l in range(nu):
-        nxt = _axpy(-alpha, g_fn(thetas[-1], *batch(l)), thetas[-1])
+        nxt = step(thetas[-1], l)
         thetas = thetas + [nxt] if keep else [nxt]
     g, value = grad_and_value(loss)(thetas[-1], *batch(nu))
     if method == "fo":
         return g, value
     for l in reversed(range(nu)):
-        theta_l = thetas.pop(l)           # drop each stored iterate once its HVP is done
+        if recompute:
+            theta_l = params
+            for j in range(l):
+                theta_l = step(theta_l, j)
+        else:
+            theta_l = thetas.pop(l)       # drop each stored iterate once its HVP is done
         if method == "exact":
             hv = hvp_exact(loss, theta_l, g, *batch(nu + 1 + l))
         elif method == "hf":
@@ -210,7 +223,7 @@ def _vmapped_compiled(loss: LossFn, nu: int, alpha: float, method: str, delta: f
 def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float,
                          method: str = "exact", delta: float = 1e-3, strategy: str = "vmap",
                          chunk: int = 64, unrolled: bool = False,
-                         compile: bool = False) -> tuple[Params, torch.Tensor]:
+                         compile: bool = False, recompute: bool = False) -> tuple[Params, torch.Tensor]:
     """Meta-gradients of a block of B agents at once.
 
     ``params``: stacked parameters (B, ...); ``idx``/``mask``: (B, slots, b). Strategies give the
@@ -221,7 +234,7 @@ def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
     some transform combinations) it warns once and falls back to eager execution.
     Returns (meta-gradients stacked (B, ...), meta-losses (B,)).
     """
-    if compile and not unrolled and strategy in ("vmap", "chunked"):
+    if compile and not unrolled and not recompute and strategy in ("vmap", "chunked"):
         fn, key = _vmapped_compiled(loss, nu, alpha, method, delta)
         if key not in _compile_failed:
             try:
@@ -241,7 +254,7 @@ def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
             return agent_meta_gradient_unrolled(loss, p, X, Y, i, m, nu, alpha)
     else:
         def one(p, i, m):
-            return agent_meta_gradient(loss, p, X, Y, i, m, nu, alpha, method, delta)
+            return agent_meta_gradient(loss, p, X, Y, i, m, nu, alpha, method, delta, recompute)
 
     B = idx.shape[0]
     if strategy == "vmap" or (strategy == "chunked" and B <= chunk):
@@ -266,7 +279,7 @@ def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
 
 def local_update(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float, beta: float,
                  method: str = "exact", delta: float = 1e-3, strategy: str = "vmap",
-                 chunk: int = 64, compile: bool = False) -> tuple[Params, torch.Tensor]:
+                 chunk: int = 64, compile: bool = False, recompute: bool = False) -> tuple[Params, torch.Tensor]:
     """τ chained local meta-steps w ← w − β·∇̃F_i(w) for a block of agents.
 
     ``params``: stacked starting models (B, ...); ``idx``/``mask``: (B, τ, slots, b), one set of
@@ -275,7 +288,7 @@ def local_update(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: 
     losses = []
     for t in range(idx.shape[1]):
         g, value = block_meta_gradients(loss, params, X, Y, idx[:, t], mask[:, t], nu, alpha,
-                                        method, delta, strategy, chunk, compile=compile)
+                                        method, delta, strategy, chunk, compile=compile, recompute=recompute)
         params = _axpy(-beta, g, params)
         losses.append(value)
     return params, torch.stack(losses, dim=1)

@@ -28,7 +28,7 @@ METRICS_FORMAT = "mpifedmeta.metrics"
 REPORT_FILES = ("accuracy.png", "loss.png", "distribution.png", "train_meta_loss.png", "summary.md")
 STATIONARITY_FILE = "stationarity.png"   # written only when some run tracked ‖∇F(w)‖² (eval.stationarity)
 # Config keys that do not define an experiment (seeds are aggregated over, the rest is bookkeeping).
-_NOT_EXPERIMENT = {"train": ("seed", "threads", "device", "strategy", "chunk", "memory_budget", "compile"),
+_NOT_EXPERIMENT = {"train": ("seed", "threads", "device", "strategy", "chunk", "memory_budget", "compile", "recompute"),
                    "eval": ("chunk",), "output": ("dir", "checkpoint_every", "keep", "progress_every")}
 
 _DASH = "\u2013"  # shown for missing values (no holdout agents, k not evaluated, ...)

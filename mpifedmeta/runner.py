@@ -24,7 +24,7 @@ from .models import build_model, flatten, param_dict, unflatten
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
 # Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk", "memory_budget", "compile"),
+RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk", "memory_budget", "compile", "recompute"),
                   "eval": ("chunk",), "output": ("checkpoint_every", "keep", "progress_every", "dir")}
 
 
@@ -91,7 +91,8 @@ def setup(cfg: Config, world: dist.World) -> Setup:
             num_train, cfg.eval.agents, replace=False)).astype(np.int64)
     t = cfg.train
     spec = algorithm.RoundSpec(t.seed, t.local_steps, t.nu, t.alpha, t.beta, t.batch_size, t.metagrad,
-                               t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk, t.compile)
+                               t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk, t.compile,
+                               t.recompute)
     setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
                    metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
                    np.arange(num_train, N, dtype=np.int64), spec)

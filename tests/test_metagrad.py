@@ -474,3 +474,24 @@ def test_personalized_metrics(model, chunk):
     report(f"10 personalized {model} chunk={chunk}", loss_rel_err=el, acc_abs_err=ea)
     assert el < 1e-10 and ea < 1e-12
     assert not torch.allclose(losses[:, 0], losses[:, 2])  # fine-tuning did something
+
+
+@pytest.mark.parametrize("method", ["exact", "hf"])
+@pytest.mark.parametrize("nu", [1, 3])
+def test_recompute_gives_the_same_meta_gradient(method, nu):
+    """train.recompute: iterates recomputed in the backward pass instead of stored — same numbers."""
+    torch.manual_seed(3)
+    model = build_model("mlp", (1, 8, 8), 10, (12,)).double()
+    loss = mg.make_loss(model)
+    p = {k: v.detach() for k, v in model.named_parameters()}
+    B = 4
+    stacked = {k: v.unsqueeze(0).repeat(B, *[1] * v.dim()) + 0.05 * torch.randn(B, *v.shape, dtype=v.dtype)
+               for k, v in p.items()}
+    X, Y = torch.randn(60, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (60,))
+    S = mg.num_slots(nu, method)
+    idx, mask = torch.randint(0, 60, (B, S, 8)), torch.ones(B, S, 8, dtype=torch.float64)
+    stored, v1 = mg.block_meta_gradients(loss, stacked, X, Y, idx, mask, nu, 0.1, method)
+    again, v2 = mg.block_meta_gradients(loss, stacked, X, Y, idx, mask, nu, 0.1, method, recompute=True)
+    assert torch.equal(v1, v2)
+    for k in stored:
+        torch.testing.assert_close(again[k], stored[k], rtol=1e-13, atol=1e-15)
