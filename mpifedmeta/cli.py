@@ -49,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_every_rank(world, build):
+    """Run ``build()`` on every rank; a ConfigError on any rank becomes the same message everywhere.
+
+    Returns (value, None) or (None, message) so that the error is printed once and every rank exits 2.
+    """
+    from . import dist
+    from .config import ConfigError
+
+    value, err = None, None
+    try:
+        value = build()
+    except ConfigError as e:
+        err = str(e)
+    return value, dist.first_error(world, err)
+
+
 def _fail(world, message: str, code: int = 2) -> int:
     if world is None or world.is_root:
         print(f"mpifedmeta: error: {message}", file=sys.stderr, flush=True)
@@ -67,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
 
     from . import dist, runner
-    from .config import ConfigError, load
+    from .config import load
 
     try:
         world = dist.init_world()
@@ -81,12 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "run":
-            err, cfg = None, None
-            try:
-                cfg = load(args.config, args.overrides)
-            except ConfigError as e:
-                err = str(e)
-            err = dist.first_error(world, err)
+            cfg, err = _on_every_rank(world, lambda: load(args.config, args.overrides))
             if err:
                 return _fail(world, err)
             if args.auto_resume:
@@ -104,22 +115,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep(args, world) -> int:
-    from . import dist, runner, sweep
+    from . import runner, sweep
     from .config import ConfigError, load
 
-    err, todo = None, []
-    try:
+    def resolve():
         todo = sweep.plan(args.out, args.grid)
         if args.task is not None:
             if not 0 <= args.task < len(todo):
                 raise ConfigError(f"--task {args.task}: the sweep has {len(todo)} points (0..{len(todo) - 1})")
             todo = [todo[args.task]]
-        cfgs = [load(args.config, args.overrides + p + [f"output.dir={json_str(d)}"]) for d, p in todo]
-    except ConfigError as e:
-        err = str(e)
-    err = dist.first_error(world, err)
+        return todo, [load(args.config, args.overrides + p + [f"output.dir={json_str(d)}"]) for d, p in todo]
+
+    resolved, err = _on_every_rank(world, resolve)
     if err:
         return _fail(world, err)
+    todo, cfgs = resolved
     if args.list:
         if world.is_root:
             for i, (d, p) in enumerate(sweep.plan(args.out, args.grid)):
