@@ -1,7 +1,8 @@
 """Command line: ``mpifedmeta run | resume | report | info | config``.
 
-Exit codes: 0 done, 1 unexpected error (whole job aborted), 2 bad input (config, files, flags),
-3 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (resumable), 4 diverged.
+Exit codes: 0 done, 1 unexpected error (whole job aborted), 2 bad input (config, files, flags, an
+output directory in use), 3 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (resumable),
+4 diverged, 5 disk full (or quota exceeded) while writing an output file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from . import __version__
 
 EXIT_CODES_HELP = ("exit codes: 0 done, 1 unexpected error, 2 bad input, "
-                   "3 stopped by a signal after a checkpoint (resume it), 4 diverged (NaN/Inf)")
+                   "3 stopped by a signal after a checkpoint (resume it), 4 diverged (NaN/Inf), "
+                   "5 disk full while writing")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,15 +56,13 @@ def _on_every_rank(world, build):
 
     Returns (value, None) or (None, message) so that the error is printed once and every rank exits 2.
     """
-    from . import dist
+    from . import runner
     from .config import ConfigError
 
-    value, err = None, None
     try:
-        value = build()
-    except ConfigError as e:
-        err = str(e)
-    return value, dist.first_error(world, err)
+        return runner.agreed(world, build, errors=(ConfigError,)), None
+    except runner.BadInput as e:
+        return None, str(e)
 
 
 def _fail(world, message: str, code: int = 2) -> int:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args)
 
-    from . import dist, runner
+    from . import dist, io, runner
     from .config import load
 
     try:
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return runner.resume(args.out, world, args.rounds)
     except runner.BadInput as e:
         return _fail(world, str(e))
+    except io.DiskFull as e:            # every rank raises it (runner.agreed): printed once, no rank left waiting
+        return _fail(world, str(e), runner.EXIT_DISK_FULL)
     return 1
 
 
@@ -167,7 +169,12 @@ def _report(args) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # The outcome is decided: Python's finalization restores the default handlers, so a second stop
+    # signal arriving now would turn exit 3 into death by signal (143/130). Keep it pending instead.
+    from . import signals
+    signals.block()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

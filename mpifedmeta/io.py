@@ -7,11 +7,13 @@ never unpickles. Only rank 0 calls the writers.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import re
 import shutil
+import stat
 from typing import Callable
 
 import h5py
@@ -28,8 +30,79 @@ EVAL_AGENTS = ("train_agent_loss", "train_agent_acc", "holdout_agent_loss", "hol
 _CKPT_RE = re.compile(r"round_(\d{6})\.h5$")
 
 
+_TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
 class OutputError(ValueError):
     """A missing, truncated, foreign or mismatching output file (one line naming the path)."""
+
+
+class DiskFull(OSError):
+    """No space left (or quota exceeded) while writing an output file; the message is one line."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _is_no_space(e: BaseException) -> bool:
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)     # h5py does not always carry errno; its message does
+    return "No space left on device" in text or "errno = 28," in text or "Disk quota exceeded" in text
+
+
+def device_of(path: str) -> str:
+    """'DEVICE (mounted on MOUNT)' of the file system holding ``path`` (from /proc/self/mounts)."""
+    real = os.path.realpath(path)
+    best = ("?", "/")
+    try:
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 2:
+                    continue
+                source, mount = parts[0], parts[1].replace("\\040", " ")
+                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best[1]):
+                    best = (source, mount)
+    except OSError:
+        pass
+    return f"{best[0]} (mounted on {best[1]})"
+
+
+def _maybe_inject_no_space(path: str) -> None:
+    """Fault injection for tests: MPIFEDMETA_INJECT_ENOSPC=TEXT fails writes of files whose path contains TEXT."""
+    spec = os.environ.get("MPIFEDMETA_INJECT_ENOSPC")
+    if spec and spec in path:
+        raise OSError(errno.ENOSPC, "No space left on device (MPIFEDMETA_INJECT_ENOSPC)")
+
+
+def clean_stale_temps(out_dir: str) -> list[str]:
+    """Remove the temporary files ('.NAME.tmp-PID') of writers that are no longer running on this host."""
+    removed = []
+    for d in (out_dir, os.path.join(out_dir, "checkpoints")):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            m = _TMP_RE.match(name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                try:
+                    os.remove(os.path.join(d, name))
+                    removed.append(os.path.join(d, name))
+                except OSError:
+                    pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _fsync_dir(path: str) -> None:
@@ -56,18 +129,29 @@ def atomic_write(path: str, fill: Callable[[h5py.File], None], start_from: str |
         with h5py.File(tmp, "r+" if start_from is not None else "w") as f:
             fill(f)
             f.flush()
+        _maybe_inject_no_space(path)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(directory)
+    except Exception as e:
+        if _is_no_space(e):
+            raise DiskFull(errno.ENOSPC, f"no space left on {device_of(directory)} while writing {path}") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def _open_checked(path: str, fmt: str) -> h5py.File:
-    if not os.path.exists(path):
-        raise OutputError(f"{path}: file not found")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise OutputError(f"{path}: file not found") from None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):      # a FIFO or device would block or never end
+        raise OutputError(f"{path}: not a regular file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -123,15 +207,87 @@ def write_checkpoint(out_dir: str, round_: int, params: dict[str, np.ndarray], c
     return path
 
 
-def read_checkpoint(path: str) -> tuple[int, dict[str, np.ndarray], str, dict]:
-    """(round, parameters, config JSON, other attributes) of a checkpoint file."""
+def _int_attr(f, name: str, path: str) -> int:
+    if name not in f.attrs:
+        raise OutputError(f"{path}: attribute {name!r} is missing")
+    v = f.attrs[name]
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v[()]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise OutputError(f"{path}: attribute {name!r} must be an integer, got {str(v)[:40]!r}")
+    return int(v)
+
+
+def _config_attr(f, path: str) -> str:
+    v = f.attrs.get("config")
+    if isinstance(v, bytes):
+        v = v.decode(errors="replace")
+    if not isinstance(v, str):
+        raise OutputError(f"{path}: attribute 'config' is missing or not a string")
+    try:
+        parsed = json.loads(v)
+    except ValueError:
+        raise OutputError(f"{path}: attribute 'config' is not valid JSON") from None
+    if not isinstance(parsed, dict) or not all(isinstance(x, dict) for x in parsed.values()):
+        raise OutputError(f"{path}: attribute 'config' is not a JSON table of sections")
+    return v
+
+
+def checkpoint_header(path: str) -> tuple[int, dict[str, tuple[tuple[int, ...], str]], str, dict]:
+    """(round, {parameter: (shape, dtype)}, config JSON, other attributes) without reading any data."""
     with _open_checked(path, CHECKPOINT_FORMAT) as f:
         try:
-            params = {name: ds[()] for name, ds in f["model"].items()}
+            round_ = _int_attr(f, "round", path)
+            config = _config_attr(f, path)
+            model = f.get("model")
+            if not isinstance(model, h5py.Group):
+                raise OutputError(f"{path}: 'model' is missing or not a group")
+            shapes = {}
+            for name in model:
+                ds = model.get(name)
+                if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
+                    raise OutputError(f"{path}: model/{name} is not a floating-point dataset")
+                shapes[name] = (tuple(int(n) for n in ds.shape), ds.dtype.name)
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-            return int(f.attrs["round"]), params, str(f.attrs["config"]), attrs
+        except (KeyError, OSError, TypeError) as e:
+            raise OutputError(f"{path}: incomplete checkpoint ({str(e).splitlines()[0]})") from None
+    wall = attrs.get("wall_time", 0.0)
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)):
+        raise OutputError(f"{path}: attribute 'wall_time' must be a number, got {str(wall)[:40]!r}")
+    strategy = attrs.get("strategy")
+    if strategy is not None and strategy not in ("vmap", "chunked", "loop"):
+        raise OutputError(f"{path}: attribute 'strategy' must be vmap, chunked or loop, got {str(strategy)[:40]!r}")
+    return round_, shapes, config, attrs
+
+
+def read_checkpoint(path: str, expect: dict[str, tuple[tuple[int, ...], str]] | None = None
+                    ) -> tuple[int, dict[str, np.ndarray], str, dict]:
+    """(round, parameters, config JSON, other attributes) of a checkpoint file.
+
+    With ``expect`` ({name: (shape, dtype)}) the declared shapes and dtypes are compared first, so a
+    file declaring absurd sizes is refused before any data is read.
+    """
+    round_, shapes, config, attrs = checkpoint_header(path)
+    if expect is not None:
+        check_param_shapes(path, shapes, expect)
+    with _open_checked(path, CHECKPOINT_FORMAT) as f:
+        try:
+            params = {name: f["model"][name][()] for name in shapes}
         except (KeyError, OSError) as e:
-            raise OutputError(f"{path}: incomplete checkpoint ({e})") from None
+            raise OutputError(f"{path}: incomplete checkpoint ({str(e).splitlines()[0]})") from None
+    return round_, params, config, attrs
+
+
+def check_param_shapes(path: str, got: dict, expect: dict) -> None:
+    """OutputError naming the first parameter whose name, shape or dtype differs from the model's."""
+    for name in list(expect) + [n for n in got if n not in expect]:
+        if name not in got:
+            raise OutputError(f"{path}: parameter {name} of the model is missing")
+        if name not in expect:
+            raise OutputError(f"{path}: parameter {name} is not in the model")
+        if tuple(got[name][0]) != tuple(expect[name][0]) or got[name][1] != expect[name][1]:
+            raise OutputError(f"{path}: parameter {name} is {got[name][1]} {tuple(got[name][0])}, the model's is "
+                              f"{expect[name][1]} {tuple(expect[name][0])}")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -205,13 +361,52 @@ def append_metrics(out_dir: str, train_rows: list[dict], eval_rows: list[dict]) 
     atomic_write(path, fill, start_from=path)
 
 
+def _check_tables(f, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The train and eval round columns, after checking that every table column is a dataset of
+    the right length (read with a size bound: a file cannot make us allocate far more than it holds)."""
+    lengths = {}
+    for group, names in (("train", tuple(TRAIN_COLUMNS)), ("eval", ("round",) + EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS)):
+        g = f.get(group)
+        if not isinstance(g, h5py.Group):
+            raise OutputError(f"{path}: '{group}' is missing or not a group")
+        for name in names:
+            ds = g.get(name)
+            if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
+                raise OutputError(f"{path}: {group}/{name} is missing or not a table column")
+            lengths.setdefault(group, ds.shape[0])
+            if ds.shape[0] != lengths[group]:
+                raise OutputError(f"{path}: {group}/{name} has {ds.shape[0]} rows, {group}/round has {lengths[group]}")
+    cols = []
+    limit = max(1 << 26, 2000 * os.path.getsize(path))
+    for group in ("train", "eval"):
+        ds = f[group]["round"]
+        if ds.ndim != 1 or ds.dtype.kind not in "iu":
+            raise OutputError(f"{path}: {group}/round is not a 1-D integer column")
+        if ds.shape[0] * ds.dtype.itemsize > limit:
+            raise OutputError(f"{path}: {group}/round declares {ds.shape[0]} rows, far more than the file holds")
+        cols.append(ds[()].astype(np.int64))
+    return cols[0], cols[1]
+
+
+def read_metrics_rounds(out_dir: str) -> tuple[str, np.ndarray, np.ndarray, dict]:
+    """(config JSON, train rounds, eval rounds, file attributes) of metrics.h5, its structure checked."""
+    path = metrics_path(out_dir)
+    with _open_checked(path, METRICS_FORMAT) as f:
+        try:
+            config = _config_attr(f, path)
+            train, ev = _check_tables(f, path)
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        except (KeyError, OSError, TypeError) as e:
+            raise OutputError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    return config, train, ev, attrs
+
+
 def truncate_metrics(out_dir: str, last_round: int) -> int:
     """Drop rows after ``last_round`` (written after the checkpoint we resume from); returns rows dropped."""
     path = metrics_path(out_dir)
-    with _open_checked(path, METRICS_FORMAT) as f:
-        keep_t = int(np.sum(f["train/round"][:] <= last_round))
-        keep_e = int(np.sum(f["eval/round"][:] <= last_round))
-        dropped = (f["train/round"].shape[0] - keep_t) + (f["eval/round"].shape[0] - keep_e)
+    _, train, ev, _ = read_metrics_rounds(out_dir)
+    keep_t, keep_e = int(np.sum(train <= last_round)), int(np.sum(ev <= last_round))
+    dropped = (len(train) - keep_t) + (len(ev) - keep_e)
     if dropped == 0:
         return 0
 
@@ -226,8 +421,9 @@ def truncate_metrics(out_dir: str, last_round: int) -> int:
 
 
 def read_metrics_config(out_dir: str) -> str:
-    with _open_checked(metrics_path(out_dir), METRICS_FORMAT) as f:
-        return str(f.attrs["config"])
+    path = metrics_path(out_dir)
+    with _open_checked(path, METRICS_FORMAT) as f:
+        return _config_attr(f, path)
 
 
 def read_table(out_dir: str, group: str) -> dict[str, np.ndarray]:

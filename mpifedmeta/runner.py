@@ -7,7 +7,9 @@ and prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -16,13 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, dist, exactsum, io, metagrad, rng, signals
+from . import __version__, algorithm, budget, dist, exactsum, io, lock, metagrad, rng, signals
 from .block import build_block
 from .config import Config, ConfigError, from_json
 from .data import DataError, load_dataset, make_partition
 from .models import build_model, flatten, param_dict, unflatten
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED, EXIT_DISK_FULL = 0, 1, 2, 3, 4, 5
 # Keys that may change between a run and its resumption.
 RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk", "memory_budget", "compile", "recompute"),
                   "eval": ("chunk",), "output": ("checkpoint_every", "keep", "progress_every", "dir")}
@@ -32,6 +34,57 @@ class BadInput(RuntimeError):
     """Bad configuration, files or flags: one line, exit code 2 on every rank."""
 
 
+INPUT_ERRORS = (ConfigError, DataError, dist.LaunchError, io.OutputError, lock.LockError, ValueError, OSError)
+_DISK_FULL = "\x00disk-full\x00"
+
+
+def agreed(world: dist.World, action, root_only: bool = False, errors: tuple = INPUT_ERRORS):
+    """Run ``action()`` on every rank (rank 0 only when ``root_only``) and let every rank learn the
+    first error of any rank: ``errors`` become BadInput (exit 2), io.DiskFull stays DiskFull (exit 5),
+    on every rank, so that no rank is left waiting in a collective. Returns action's value (None on
+    the ranks that did not run it)."""
+    value, err = None, None
+    if world.is_root or not root_only:
+        try:
+            value = action()
+        except io.DiskFull as e:
+            err = _DISK_FULL + str(e)
+        except errors as e:
+            err = str(e).splitlines()[0] if str(e) else type(e).__name__
+    err = dist.first_error(world, err)
+    if err and _DISK_FULL in err:
+        raise io.DiskFull(28, err.replace(_DISK_FULL, ""))
+    if err:
+        raise BadInput(err)
+    return value
+
+
+def check_output_dir(out_dir: str) -> None:
+    """ConfigError unless ``out_dir`` is a directory we can write or can create (checked before any set-up)."""
+    if not out_dir or not out_dir.strip():
+        raise ConfigError("output.dir is empty; give the directory for the results")
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe) and probe != os.path.dirname(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "exists and is not a directory" if probe == os.path.abspath(out_dir) else f"{probe} is not a directory"
+        raise ConfigError(f"output.dir = {out_dir!r}: {where}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir = {out_dir!r}: {probe} is not writable")
+
+
+@contextlib.contextmanager
+def output_lock(world: dist.World, out_dir: str):
+    """Hold OUT/.lock on rank 0 for the block (every rank agrees whether it was taken: exit 2 if not)."""
+    held = lock.OutputLock(out_dir) if world.is_root else None
+    agreed(world, held.acquire if held else None, root_only=True)
+    try:
+        if held is not None and held.warning:
+            print(held.warning, file=sys.stderr, flush=True)
+        yield
+    finally:
+        if held is not None:
+            held.release()
 
 
 def say(world, *args, err: bool = False) -> None:
@@ -59,11 +112,14 @@ class Setup:
 
 def setup(cfg: Config, world: dist.World) -> Setup:
     """Everything a rank needs before round 1; errors on any rank become one BadInput everywhere."""
-    err = None
-    try:
+    def build():
         device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
         ds = load_dataset(cfg.data.dataset, cfg.data.path)
+        with torch.device("meta"):       # shapes only: an absurd size is refused before it is allocated
+            shapes = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden)
+        budget.check_run(cfg, world.size, ds, sum(p.numel() for p in shapes.parameters()),
+                         torch.finfo(dtype).bits // 8, device, world.local_size)
         part = make_partition(ds, cfg.data.partition, cfg.data.num_agents,
                               classes_per_agent=cfg.data.classes_per_agent,
                               dirichlet_alpha=cfg.data.dirichlet_alpha,
@@ -78,11 +134,9 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         block = build_block(ds.x, ds.y, part, lo, hi, device, dtype)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden).to(dtype)
-    except (ConfigError, DataError, dist.LaunchError, ValueError, OSError) as e:
-        err = str(e).splitlines()[0] if str(e) else type(e).__name__
-    err = dist.first_error(world, err)
-    if err:
-        raise BadInput(err)
+        return device, dtype, part, N, H, block, model
+
+    device, dtype, part, N, H, block, model = agreed(world, build)
     num_train = N - H
     if cfg.eval.agents == "all" or cfg.eval.agents >= num_train:
         eval_ids = np.arange(num_train, dtype=np.int64)
@@ -205,19 +259,68 @@ def final_table(ks: list[int], row: dict) -> str:
     return "\n".join(lines)
 
 
+class RunWriter:
+    """Rank 0's writes during training: pending metrics rows, checkpoints, and the stop checkpoint.
+
+    A stop signal calls :meth:`on_stop` from the handler: if the last completed round's checkpoint
+    is not on disk yet, it is written at once (a launcher may SIGKILL a second later, long before
+    the current round ends); the loop still finishes its round and checkpoints that one too.
+    """
+
+    def __init__(self, s: Setup, out_dir: str, round_: int, params: dict, wall: float):
+        self.s, self.out_dir = s, out_dir
+        self.train_rows: list[dict] = []
+        self.eval_rows: list[dict] = []
+        self.done = (round_, params, wall)      # the last completed round (its checkpoint may be pending)
+        self.on_disk = round_                   # newest round whose checkpoint is written
+        self.busy = False
+
+    def completed(self, round_: int, params: dict, wall: float, train_row: dict, eval_row: dict | None) -> None:
+        self.train_rows.append(train_row)
+        if eval_row is not None:
+            self.eval_rows.append(eval_row)
+        self.done = (round_, params, wall)
+
+    def write(self, checkpoint: bool) -> None:
+        """Append the pending rows (metrics first: a crash in between leaves rows the resume
+        truncates), then the checkpoint of the last completed round if asked."""
+        self.busy = True
+        try:
+            io.append_metrics(self.out_dir, self.train_rows, self.eval_rows)
+            self.train_rows, self.eval_rows = [], []
+            if checkpoint and self.on_disk != self.done[0]:
+                r, params, wall = self.done
+                io.write_checkpoint(self.out_dir, r, _params_numpy(params), self.s.cfg.to_json(),
+                                    _ckpt_attrs(self.s, wall), self.s.cfg.output.keep)
+                self.on_disk = r
+        finally:
+            self.busy = False
+
+    def on_stop(self) -> None:
+        """Signal-handler hook (main thread, between two bytecodes): never raises."""
+        if self.busy or self.on_disk >= self.done[0]:
+            return                  # a write in progress, or nothing new: the loop's own write follows
+        try:
+            self.write(True)
+            text = f"mpifedmeta: {_now()} stop signal: checkpoint of the last completed round {self.on_disk} written\n"
+        except Exception as e:      # e.g. disk full: the loop's own write reports it
+            text = f"mpifedmeta: stop signal: could not write the checkpoint at once: {str(e).splitlines()[0]}\n"
+        os.write(2, text.encode())  # not print(): the handler may interrupt a print of the main thread
+
+
 def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) -> int:
     """Rounds start_round+1 .. cfg.train.rounds; returns the exit code (0, 3 stopped, 4 diverged)."""
     cfg, world = s.cfg, s.world
     R, K = cfg.train.rounds, cfg.train.agents_per_round
     like = {k: v for k, v in params.items()}
     d = sum(v.numel() for v in params.values())
-    pending_train: list[dict] = []
-    pending_eval: list[dict] = []
+    writer = RunWriter(s, out_dir, start_round, params, wall0) if world.is_root else None
     progress = Progress(world, start_round, R, cfg.output.progress_every)
     last_eval: dict | None = None
     wall = wall0
     code = EXIT_OK
     r = start_round
+    signals.on_stop(writer.on_stop if writer else None)
     try:
         while r < R:
             r += 1
@@ -244,28 +347,23 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             params = unflatten(flat, like)
             wall += time.perf_counter() - t0
             round_time = time.perf_counter() - t0
-            pending_train.append({"round": r, "meta_loss": float(total[d]), "wall_time": wall,
-                                  "round_time": round_time, "allreduce_time": t_ar,
-                                  "bytes_allreduced": buf.nbytes, "num_sampled": K})
+            train_row = {"round": r, "meta_loss": float(total[d]), "wall_time": wall,
+                         "round_time": round_time, "allreduce_time": t_ar,
+                         "bytes_allreduced": buf.nbytes, "num_sampled": K}
             is_eval = r % cfg.eval.every == 0 or r == R
             is_ckpt = r % cfg.output.checkpoint_every == 0 or r == R or bool(stop)
             if is_eval:
                 last_eval = evaluate(s, params, r)
-                if world.is_root:
-                    pending_eval.append(last_eval)
+            if writer:
+                writer.completed(r, params, wall, train_row, last_eval if is_eval else None)
             acc = ""
             if last_eval is not None and is_eval:
                 acc = "  acc@k " + " ".join(f"{100 * a:.1f}" for a in last_eval["train_acc_mean"])
             progress.update(r, R, float(total[d]), round_time, acc)
             if is_ckpt or is_eval:
-                if world.is_root:   # metrics first: a crash in between leaves rows the resume truncates
-                    io.append_metrics(out_dir, pending_train, pending_eval)
-                pending_train, pending_eval = [], []
-            if is_ckpt:
-                if world.is_root:
-                    io.write_checkpoint(out_dir, r, _params_numpy(params), cfg.to_json(),
-                                        _ckpt_attrs(s, wall), cfg.output.keep)
-                dist.barrier(world)
+                agreed(world, (lambda: writer.write(is_ckpt)) if writer else None, root_only=True, errors=())
+            if writer and signals.requested():
+                writer.on_stop()
             if stop and r < R:
                 code = EXIT_STOPPED
                 say(world, f"mpifedmeta: {_now()} stop requested ({signals.requested() or 'signal on another rank'}); "
@@ -273,9 +371,9 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
                            f"(exit code {EXIT_STOPPED})", err=True)
                 break
     finally:
+        signals.on_stop(None)
         progress.close()
-    if world.is_root and (pending_train or pending_eval):
-        io.append_metrics(out_dir, pending_train, pending_eval)
+    agreed(world, (lambda: writer.write(False)) if writer else None, root_only=True, errors=())
     if code == EXIT_OK and world.is_root:
         if last_eval is None:
             last_eval = _last_eval_row(out_dir)
@@ -290,7 +388,11 @@ def _now() -> str:
 
 
 def _maybe_inject_failure(world: dist.World, round_: int) -> None:
-    """Fault injection for tests: MPIFEDMETA_INJECT_FAILURE="RANK:ROUND" raises on that rank in that round."""
+    """Fault injection for tests: MPIFEDMETA_INJECT_FAILURE="RANK:ROUND" raises on that rank in that
+    round; MPIFEDMETA_INJECT_SLEEP="ROUND:SECONDS" makes that round that much longer on every rank."""
+    slow = os.environ.get("MPIFEDMETA_INJECT_SLEEP")
+    if slow and int(slow.split(":")[0]) == round_:
+        time.sleep(float(slow.split(":")[1]))
     spec = os.environ.get("MPIFEDMETA_INJECT_FAILURE")
     if spec:
         rank, at = (int(v) for v in spec.split(":"))
@@ -306,19 +408,27 @@ def _last_eval_row(out_dir: str) -> dict | None:
 
 
 def start_new(cfg: Config, world: dist.World) -> int:
+    """Start the run of ``cfg`` in its output.dir (which must not hold a run yet)."""
+    agreed(world, lambda: check_output_dir(cfg.output.dir), root_only=True)
+    with output_lock(world, cfg.output.dir):
+        return _start_new(cfg, world)
+
+
+def _start_new(cfg: Config, world: dist.World) -> int:
     out_dir = cfg.output.dir
-    err = None
-    if world.is_root and os.path.exists(io.metrics_path(out_dir)):
-        err = (f"output.dir = {out_dir!r} already holds a run (metrics.h5); continue it with "
-               f"`mpifedmeta resume {out_dir}` or choose another output.dir")
-    err = dist.first_error(world, err)
-    if err:
-        raise BadInput(err)
+
+    def fresh():
+        if os.path.lexists(io.metrics_path(out_dir)):
+            raise ConfigError(f"output.dir = {out_dir!r} already holds a run (metrics.h5); continue it with "
+                              f"`mpifedmeta resume {out_dir}` or choose another output.dir")
+    agreed(world, fresh, root_only=True)
     s = setup(cfg, world)
     params = initial_params(s)
     chosen = choose_strategy(s, params)
-    if world.is_root:
-        os.makedirs(out_dir, exist_ok=True)
+    row = None
+
+    def create():
+        io.clean_stale_temps(out_dir)
         p = s.partition
         io.create_metrics(out_dir, cfg.to_json(), _file_attrs(s, params),
                           {"train_ptr": p.train_ptr, "train_idx": p.train_idx, "test_ptr": p.test_ptr,
@@ -327,14 +437,16 @@ def start_new(cfg: Config, world: dist.World) -> int:
                           {"dataset": cfg.data.dataset, "scheme": cfg.data.partition,
                            "num_agents": p.num_agents},
                           list(cfg.eval.finetune_steps), s.eval_train_ids, s.holdout_ids)
+    agreed(world, create, root_only=True, errors=())
     row = evaluate(s, params, 0)
-    if world.is_root:
+
+    def first_checkpoint():
         io.append_metrics(out_dir, [], [row])
         io.write_checkpoint(out_dir, 0, _params_numpy(params), cfg.to_json(), _ckpt_attrs(s, 0.0), cfg.output.keep)
-        say(world, f"mpifedmeta {__version__}: {s.partition.num_agents} agents ({len(s.holdout_ids)} holdout) on "
-                   f"{world.size} rank(s), {cfg.model.name} with {sum(v.numel() for v in params.values())} parameters, "
-                   f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, strategy {chosen}")
-    dist.barrier(world)
+    agreed(world, first_checkpoint, root_only=True, errors=())
+    say(world, f"mpifedmeta {__version__}: {s.partition.num_agents} agents ({len(s.holdout_ids)} holdout) on "
+               f"{world.size} rank(s), {cfg.model.name} with {sum(v.numel() for v in params.values())} parameters, "
+               f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, strategy {chosen}")
     return train(s, out_dir, params, 0, 0.0)
 
 
@@ -350,16 +462,18 @@ def _file_attrs(s: Setup, params: dict) -> dict:
 
 def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:
     """Continue the run in ``out_dir`` from its latest checkpoint (to ``rounds`` in total if given)."""
-    err, payload = None, None
-    if world.is_root:
-        try:
-            payload = _load_resume_state(out_dir, rounds)
-        except (io.OutputError, ConfigError) as e:
-            err = str(e)
-    err = dist.first_error(world, err)
-    if err:
-        raise BadInput(err)
-    cfg_json, round_, flat_params, wall, recorded = dist.broadcast(world, payload)
+    def exists():
+        if not os.path.isdir(out_dir):
+            raise io.OutputError(f"{out_dir}: no such directory (nothing to resume)")
+    agreed(world, exists, root_only=True)
+    with output_lock(world, out_dir):
+        return _resume(out_dir, world, rounds)
+
+
+def _resume(out_dir: str, world: dist.World, rounds: int | None) -> int:
+    # Everything is checked before anything is changed: a refused resume leaves every file as it was.
+    meta = agreed(world, lambda: _resume_state(out_dir, rounds), root_only=True)
+    cfg_json, round_, path, wall, recorded = dist.broadcast(world, meta)
     cfg = from_json(cfg_json)
     if round_ >= cfg.train.rounds:
         say(world, f"{out_dir}: already complete ({round_} of {cfg.train.rounds} rounds); "
@@ -367,53 +481,74 @@ def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:
         return EXIT_OK
     s = setup(cfg, world)
     like = initial_params(s)
-    mismatch = [k for k in like if k not in flat_params or tuple(flat_params[k].shape) != tuple(like[k].shape)]
-    if mismatch:
-        raise BadInput(f"{out_dir}: checkpoint parameters do not match the model ({', '.join(mismatch[:3])})")
-    params = {k: torch.as_tensor(flat_params[k]).to(device=s.device, dtype=s.dtype) for k in like}
+    expect = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in like.items()}
+
+    def load_then_cut():
+        _, values, _, _ = io.read_checkpoint(path, expect)     # shapes and dtypes checked before any data is read
+        io.clean_stale_temps(out_dir)
+        dropped = io.truncate_metrics(out_dir, round_)
+        if dropped:
+            print(f"mpifedmeta: dropped {dropped} metrics rows written after the checkpoint of round {round_}", flush=True)
+        return values
+    values = dist.broadcast(world, agreed(world, load_then_cut, root_only=True))
+    params = {k: torch.as_tensor(values[k]).to(device=s.device, dtype=s.dtype) for k in like}
     choose_strategy(s, params, recorded)
     say(world, f"mpifedmeta: {_now()} resuming {out_dir} at round {round_} of {cfg.train.rounds} on {world.size} rank(s)")
     return train(s, out_dir, params, round_, wall)
 
 
-def _load_resume_state(out_dir: str, rounds: int | None):
-    metrics_json = io.read_metrics_config(out_dir)
+def _resume_state(out_dir: str, rounds: int | None):
+    """(config JSON, round, checkpoint path, wall time, recorded strategy) of the run in ``out_dir``,
+    every file's structure and their agreement checked; reads no parameter data and writes nothing."""
+    metrics_json, train_rounds, _, mattrs = io.read_metrics_rounds(out_dir)
     ckpts = io.list_checkpoints(out_dir)
     if not ckpts:
         raise io.OutputError(f"{out_dir}: no checkpoints/round_NNNNNN.h5 to resume from")
-    round_, params, ckpt_json, attrs = io.read_checkpoint(ckpts[-1][1])
+    named, path = ckpts[-1]
+    round_, shapes, ckpt_json, attrs = io.checkpoint_header(path)
+    if round_ != named:
+        raise io.OutputError(f"{path}: round attribute {round_} does not match the file name (round {named})")
     diffs = io.config_json_equal(metrics_json, ckpt_json, RESUMABLE_KEYS)
     if diffs:
-        raise io.OutputError(f"{ckpts[-1][1]}: checkpoint config does not match metrics.h5 ({', '.join(diffs[:5])})")
-    raw = json.loads(ckpt_json)
+        raise io.OutputError(f"{path}: checkpoint config does not match metrics.h5 ({', '.join(diffs[:5])})")
+    if train_rounds[:round_].tolist() != list(range(1, round_ + 1)):
+        raise io.OutputError(f"{io.metrics_path(out_dir)}: its train rows do not cover rounds 1..{round_} of the "
+                             f"checkpoint {os.path.basename(path)} (they end at round "
+                             f"{int(train_rounds[-1]) if len(train_rounds) else 0})")
+    try:
+        stored = from_json(ckpt_json)
+    except ConfigError as e:
+        raise io.OutputError(f"{path}: stored config is invalid: {e}") from None
+    declared = sum(math.prod(shape) for shape, _ in shapes.values())
+    num_params = mattrs.get("num_params")
+    if isinstance(num_params, (int, np.integer)) and declared != int(num_params):
+        raise io.OutputError(f"{path}: the model has {declared} parameters, metrics.h5 records {int(num_params)}")
+    wrong = [n for n, (_, dt) in shapes.items() if dt != stored.train.dtype]
+    if wrong:
+        raise io.OutputError(f"{path}: parameter {wrong[0]} is {shapes[wrong[0]][1]}, train.dtype is {stored.train.dtype}")
+    raw = json.loads(stored.to_json())
     raw["output"]["dir"] = out_dir
     if rounds is not None:
         if rounds < round_:
             raise ConfigError(f"--rounds {rounds} is before the checkpoint's round {round_}")
         raw["train"]["rounds"] = rounds
     cfg_json = from_json(json.dumps(raw)).to_json()
-    dropped = io.truncate_metrics(out_dir, round_)
-    if dropped:
-        print(f"mpifedmeta: dropped {dropped} metrics rows written after the checkpoint of round {round_}", flush=True)
-    return cfg_json, round_, params, float(attrs.get("wall_time", 0.0)), attrs.get("strategy")
+    return cfg_json, round_, path, float(attrs.get("wall_time", 0.0)), attrs.get("strategy")
 
 
 def auto_resume_or_start(cfg: Config, world: dist.World) -> int:
     """`run --auto-resume`: resume OUT if it holds a run of the same config, else start it."""
     out_dir = cfg.output.dir
-    exists = dist.broadcast(world, os.path.exists(io.metrics_path(out_dir)) if world.is_root else None)
-    if not exists:
-        return start_new(cfg, world)
-    err = None
-    if world.is_root:
-        try:
+    agreed(world, lambda: check_output_dir(out_dir), root_only=True)
+    with output_lock(world, out_dir):
+        def holds_run():
+            if not os.path.lexists(io.metrics_path(out_dir)):
+                return False
             diffs = io.config_json_equal(io.read_metrics_config(out_dir), cfg.to_json(), RESUMABLE_KEYS)
             if diffs:
-                err = (f"output.dir = {out_dir!r} holds a run with a different config ({', '.join(diffs[:5])}); "
-                       "choose another output.dir")
-        except io.OutputError as e:
-            err = str(e)
-    err = dist.first_error(world, err)
-    if err:
-        raise BadInput(err)
-    return resume(out_dir, world, cfg.train.rounds)
+                raise ConfigError(f"output.dir = {out_dir!r} holds a run with a different config "
+                                  f"({', '.join(diffs[:5])}); choose another output.dir")
+            return True
+        if not dist.broadcast(world, agreed(world, holds_run, root_only=True)):
+            return _start_new(cfg, world)
+        return _resume(out_dir, world, cfg.train.rounds)

@@ -11,11 +11,29 @@ from __future__ import annotations
 import signal
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-_requested: dict = {"signal": None}
+_requested: dict = {"signal": None, "hook": None}
 
 
 def _on_signal(signum, frame) -> None:
-    _requested["signal"] = signal.Signals(signum).name
+    if _requested["signal"] is None:
+        _requested["signal"] = signal.Signals(signum).name
+    hook = _requested["hook"]
+    if hook is not None:          # later signals change nothing but may retry the hook
+        hook()
+
+
+def on_stop(hook) -> None:
+    """Call ``hook()`` from the handler of every stop signal (None: no hook). Used by rank 0 to write
+    the last completed round's checkpoint at once."""
+    _requested["hook"] = hook
+    if hook is not None and _requested["signal"] is not None:
+        hook()
+
+
+def block() -> None:
+    """Block the stop signals (at exit): a late one stays pending instead of killing the process."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)])
 
 
 def install() -> None:
