@@ -93,7 +93,7 @@ def check_run(cfg: Config, ranks: int, dataset, num_params: int, itemsize: int, 
     """ConfigError (one line naming a key) when a lower bound of the memory a rank needs exceeds what it has."""
     sample_numel = int(math.prod(dataset.x.shape[1:]))
     if dataset.num_classes > len(dataset):
-        raise ConfigError(f"data: the labels declare {dataset.num_classes} classes (largest label "
+        raise ConfigError(f"data.path = {cfg.data.path!r}: the labels declare {dataset.num_classes} classes (largest label "
                           f"{dataset.num_classes - 1}) for {len(dataset)} samples; labels must be 0..C-1")
     avail = available_bytes(device, ranks_on_node)
     if avail is None:

@@ -72,6 +72,17 @@ def _fail(world, message: str, code: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The program (console script ``mpifedmeta``); returns the exit code."""
+    code = _main(argv)
+    if argv is None:
+        # The outcome is decided: Python's finalization restores the default handlers, so a second
+        # stop signal arriving now would turn exit 3 into death by signal (143/130): ignore it.
+        from . import signals
+        signals.ignore()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from . import signals
     signals.install()                    # before torch/MPI load: a stop signal during start-up is kept, not fatal
     args = _parser().parse_args(argv)
@@ -169,12 +180,7 @@ def _report(args) -> int:
 
 
 def entry() -> None:
-    code = main()
-    # The outcome is decided: Python's finalization restores the default handlers, so a second stop
-    # signal arriving now would turn exit 3 into death by signal (143/130). Keep it pending instead.
-    from . import signals
-    signals.block()
-    sys.exit(code)
+    sys.exit(main())
 
 
 if __name__ == "__main__":

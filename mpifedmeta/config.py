@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 
 try:
@@ -20,6 +22,9 @@ PARTITIONS = ("shards", "dirichlet", "iid", "natural")
 MODELS = ("linear", "mlp", "cnn")
 METAGRADS = ("exact", "fo", "hf")
 STRATEGIES = ("auto", "vmap", "chunked", "loop")
+
+
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -156,6 +161,20 @@ class Config:
         return validate(raw)
 
 
+INT_LIMIT = 2 ** 63        # every integer must fit in int64 (numpy, torch and MPI take them as C longs)
+
+
+def _size_problem(value) -> str | None:
+    """Why a value cannot be used whatever the key: an integer beyond int64, a non-finite float."""
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, int) and not isinstance(v, bool) and not -INT_LIMIT <= v < INT_LIMIT:
+            return "too large (integers must fit in 64 bits)"
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be finite"
+    return None
+
+
 def _type_ok(value, key: Key) -> bool:
     if isinstance(value, bool):
         return bool in key.types
@@ -183,6 +202,8 @@ def validate(raw: dict) -> Config:
             if not _type_ok(v, key):
                 names = " or ".join(t.__name__ for t in key.types)
                 raise ConfigError(f"{sec}.{k} = {v!r}: must be of type {names}")
+            if (msg := _size_problem(v)):
+                raise ConfigError(f"{sec}.{k} = {_short(v)}: {msg}")
             if isinstance(v, int) and not isinstance(v, bool) and float in key.types:
                 v = float(v)
             if key.check is not None and (msg := key.check(v)):
@@ -193,8 +214,10 @@ def validate(raw: dict) -> Config:
         raise ConfigError("data.partition = 'natural' needs data.dataset = 'npz' with an 'agent' array")
     if d["dataset"] == "npz" and not d["path"]:
         raise ConfigError("data.dataset = 'npz' needs data.path (the .npz file)")
-    if d["dataset"] == "npz" and not os.path.isfile(d["path"]):
+    if d["dataset"] == "npz" and not os.path.exists(d["path"]):
         raise ConfigError(f"data.path = {d['path']!r}: file not found")
+    if d["dataset"] == "npz" and not os.path.isfile(d["path"]):
+        raise ConfigError(f"data.path = {d['path']!r}: not a regular file")
     if d["dataset"] == "fashion-mnist" and d["path"] and not os.path.isdir(d["path"]):
         raise ConfigError(f"data.path = {d['path']!r}: directory not found")
     if d["num_agents"] == 0 and d["partition"] != "natural":
@@ -209,12 +232,18 @@ def validate(raw: dict) -> Config:
     return Config(out)
 
 
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:40] + "..." + text[-10:]
+
+
 def parse_value(text: str):
     """A --set value: TOML syntax when it parses (numbers, booleans, lists, quoted strings), else a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        doc = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    return doc["v"] if list(doc) == ["v"] else text
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -227,6 +256,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"--set {item!r}: the key must be section.key (e.g. train.nu=3)")
         sec, k = parts
+        if any(c in value for c in "\n\r\x00"):     # refused, never cut: one value per --set
+            raise ConfigError(f"--set {path.strip()}=...: the value contains a line break or NUL; give one value per --set")
         if sec not in SCHEMA:
             raise ConfigError(f"--set {item!r}: unknown section [{sec}] (valid: {', '.join(SCHEMA)})")
         if k not in SCHEMA[sec]:
@@ -240,10 +271,18 @@ def load(path: str | None, overrides: list[str] | None = None) -> Config:
     raw: dict = {}
     if path:
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):     # a FIFO would block, a device never end
+                raise ConfigError(f"{path}: not a regular file")
             with open(path, "rb") as f:
-                raw = tomllib.load(f)
+                text = f.read(MAX_CONFIG_BYTES + 1)
+            if len(text) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KB; not a config file")
+            raw = tomllib.loads(text.decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {text[e.start]:#04x} at offset {e.start}); "
+                              "a config is a TOML text file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         except OSError as e:

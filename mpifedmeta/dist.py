@@ -103,6 +103,9 @@ def choose_device(world: World, preference: str = "auto", threads: int = 0) -> t
         return torch.device("cuda", index)
     if preference == "cuda":
         raise LaunchError("train.device = 'cuda' but torch sees no usable GPU on this rank")
+    cores = os.cpu_count() or 1
+    if threads > cores:       # torch would try to start that many OpenMP threads and fail far from here
+        raise LaunchError(f"train.threads = {threads}: more than the {cores} CPU cores of this node")
     torch.set_num_threads(threads if threads > 0 else cpu_threads_per_rank(world))
     return torch.device("cpu")
 

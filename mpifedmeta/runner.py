@@ -519,10 +519,6 @@ def _resume_state(out_dir: str, rounds: int | None):
         stored = from_json(ckpt_json)
     except ConfigError as e:
         raise io.OutputError(f"{path}: stored config is invalid: {e}") from None
-    declared = sum(math.prod(shape) for shape, _ in shapes.values())
-    num_params = mattrs.get("num_params")
-    if isinstance(num_params, (int, np.integer)) and declared != int(num_params):
-        raise io.OutputError(f"{path}: the model has {declared} parameters, metrics.h5 records {int(num_params)}")
     wrong = [n for n, (_, dt) in shapes.items() if dt != stored.train.dtype]
     if wrong:
         raise io.OutputError(f"{path}: parameter {wrong[0]} is {shapes[wrong[0]][1]}, train.dtype is {stored.train.dtype}")
@@ -532,8 +528,16 @@ def _resume_state(out_dir: str, rounds: int | None):
         if rounds < round_:
             raise ConfigError(f"--rounds {rounds} is before the checkpoint's round {round_}")
         raw["train"]["rounds"] = rounds
-    cfg_json = from_json(json.dumps(raw)).to_json()
-    return cfg_json, round_, path, float(attrs.get("wall_time", 0.0)), attrs.get("strategy")
+    cfg = from_json(json.dumps(raw))
+    num_params = mattrs.get("num_params")
+    if round_ >= cfg.train.rounds and isinstance(num_params, (int, np.integer)) and shapes:
+        # complete: no model is built, so compare the declared sizes with the run's (no data is read)
+        declared = sum(math.prod(shape) for shape, _ in shapes.values())
+        big = max(shapes, key=lambda n: math.prod(shapes[n][0]))
+        if declared != int(num_params):
+            raise io.OutputError(f"{path}: the checkpoint declares {declared} parameters (largest: {big} "
+                                 f"{shapes[big][0]}), the run has {int(num_params)} (metrics.h5)")
+    return cfg.to_json(), round_, path, float(attrs.get("wall_time", 0.0)), attrs.get("strategy")
 
 
 def auto_resume_or_start(cfg: Config, world: dist.World) -> int:

@@ -30,10 +30,13 @@ def on_stop(hook) -> None:
         hook()
 
 
-def block() -> None:
-    """Block the stop signals (at exit): a late one stays pending instead of killing the process."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)])
+def ignore() -> None:
+    """Ignore the stop signals from now on (at exit, the outcome decided). Python's finalization puts
+    back the default action of signals that have a Python handler, not of ignored ones; blocking
+    would not do, since other threads (OpenMP, MPI) would still take the signal."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def install() -> None:

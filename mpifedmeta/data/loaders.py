@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ def _load_digits() -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - sklearn is a dependency
+        if importlib.util.find_spec("sklearn") is not None:      # installed but broken: say so
+            raise DataError(f"dataset 'digits': scikit-learn is installed but failed to import: {_oneline(e)}") from None
         raise DataError(f"dataset 'digits' needs scikit-learn ({e}); run `pip install scikit-learn`") from None
     d = load_digits()
     x = (np.asarray(d.images, dtype=np.float64) / 16.0).astype(np.float32)[:, None, :, :]
@@ -169,11 +172,52 @@ def _load_fashion_mnist(path: str) -> Dataset:
 
 
 # --------------------------------------------------------------------------- npz
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_npz_members(path: str) -> None:
+    """Refuse, before numpy allocates anything, a member whose header declares more bytes than the
+    archive holds for it (a 1 KB file must not make us allocate gigabytes)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        continue            # let numpy report an unsupported version
+                    shape, _, dtype = read_header(fh, max_header_size=10000)
+                    if dtype.hasobject:
+                        continue            # refused below with its own message
+                    declared = math.prod(shape) * dtype.itemsize
+                    if declared > info.file_size:
+                        raise DataError(f"npz: {path} key '{info.filename[:-4]}' declares shape {tuple(shape)} "
+                                        f"{dtype} ({declared} bytes) but the archive holds {info.file_size} bytes for it")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"npz: cannot read {path} as an npz archive: {_oneline(e)}") from None
+
+
 def _load_npz(path: str) -> Dataset:
     if not path:
         raise DataError("npz: no file given; pass the .npz file as path")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"npz: file {path} not found")
+    if not os.path.isfile(path):
+        raise DataError(f"npz: {path} is not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as e:
+        raise DataError(f"npz: cannot read {path}: {e.strerror}") from None
+    if magic[:4] not in _ZIP_MAGIC:
+        what = "a single .npy array" if magic == b"\x93NUMPY" else f"not a zip archive (it starts with {magic[:4]!r})"
+        raise DataError(f"npz: {path} is {what}; expected an .npz archive (numpy.savez) with keys 'x' and 'y'")
+    _check_npz_members(path)
     try:
         f = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
