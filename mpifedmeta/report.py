@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import keys_where
+
 __all__ = ["ReportError", "RunMetrics", "load_run", "make_report", "default_label", "REPORT_FILES"]
 
 METRICS_FILE = "metrics.h5"
@@ -28,8 +30,7 @@ METRICS_FORMAT = "mpifedmeta.metrics"
 REPORT_FILES = ("accuracy.png", "loss.png", "distribution.png", "train_meta_loss.png", "summary.md")
 STATIONARITY_FILE = "stationarity.png"   # written only when some run tracked ‖∇F(w)‖² (eval.stationarity)
 # Config keys that do not define an experiment (seeds are aggregated over, the rest is bookkeeping).
-_NOT_EXPERIMENT = {"train": ("seed", "threads", "device", "strategy", "chunk", "memory_budget", "compile", "recompute"),
-                   "eval": ("chunk",), "output": ("dir", "checkpoint_every", "keep", "progress_every")}
+_NOT_EXPERIMENT = keys_where("experiment", False)
 
 _DASH = "\u2013"  # shown for missing values (no holdout agents, k not evaluated, ...)
 

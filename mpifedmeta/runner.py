@@ -17,15 +17,14 @@ import torch
 
 from . import __version__, algorithm, dist, exactsum, io, metagrad, rng, signals
 from .block import build_block
-from .config import Config, ConfigError, from_json
+from .config import Config, ConfigError, from_json, keys_where
 from .console import Progress, final_table, say
 from .data import DataError, load_dataset, make_partition
 from .models import build_model, param_dict
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk", "memory_budget", "compile", "recompute"),
-                  "eval": ("chunk",), "output": ("checkpoint_every", "keep", "progress_every", "dir")}
+# Keys that may change between a run and its resumption (flagged in config.SCHEMA).
+RESUMABLE_KEYS = keys_where("resumable")
 
 
 class BadInput(RuntimeError):
@@ -58,7 +57,7 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     try:
         device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-        ds = load_dataset(cfg.data.dataset, cfg.data.path)
+        ds = load_dataset(cfg.data.dataset, cfg.data.path, cfg.train.dtype)
         part = make_partition(ds, cfg.data.partition, cfg.data.num_agents,
                               classes_per_agent=cfg.data.classes_per_agent,
                               dirichlet_alpha=cfg.data.dirichlet_alpha,
