@@ -455,11 +455,6 @@ def h5py_version() -> str:
     return h5py.__version__
 
 
-def read_attrs(path: str) -> dict:
-    with h5py.File(path, "r") as f:
-        return dict(f.attrs)
-
-
 def config_json_equal(a: str, b: str, ignore: dict[str, tuple[str, ...]] | None = None) -> list[str]:
     """Keys whose values differ between two config JSON strings (``ignore``: section → keys)."""
     ja, jb = json.loads(a), json.loads(b)

@@ -178,7 +178,8 @@ def _npz_feature_dtype(x: np.ndarray, run_dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if run_dtype == np.float32 else np.promote_types(x.dtype, np.float32)
 
 
-def _load_npz(path: str, dtype: np.dtype) -> Dataset:
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an npz archive (x and y required; agent and test when present)."""
     if not path:
         raise DataError("npz: no file given; pass the .npz file as path")
     if not os.path.isfile(path):
@@ -191,42 +192,43 @@ def _load_npz(path: str, dtype: np.dtype) -> Dataset:
         raise DataError(f"npz: {path} is a single .npy array, expected an .npz archive with keys 'x' and 'y'")
     with f:
         keys = set(f.files)
-
-        def get(key: str) -> np.ndarray:
-            try:
-                return np.asarray(f[key])
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-                raise DataError(f"npz: {path} key '{key}' cannot be read (object arrays are not allowed): {_oneline(e)}") from None
-
         for key in ("x", "y"):
             if key not in keys:
                 raise DataError(f"npz: {path} is missing required key '{key}' (found keys: {sorted(keys)})")
-        x = get("x")
-        y = get("y")
-        agent = get("agent") if "agent" in keys else None
-        test = get("test") if "test" in keys else None
+        arrays = {}
+        for key in ("x", "y", "agent", "test"):
+            try:
+                arrays[key] = np.asarray(f[key]) if key in keys else None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"npz: {path} key '{key}' cannot be read (object arrays are not allowed): {_oneline(e)}") from None
+    return arrays
 
-    # x
+
+def _npz_features(path: str, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if x.ndim < 2:
         raise DataError(f"npz: {path} key 'x' must have shape (n, ...) with at least 2 dims, got {x.shape} (use x.reshape(-1, 1))")
     if x.dtype.kind not in "biuf":
         raise DataError(f"npz: {path} key 'x' must be numeric, got dtype {x.dtype}")
-    n = x.shape[0]
-    if n == 0:
+    if x.shape[0] == 0:
         raise DataError(f"npz: {path} key 'x' has no samples")
     x = np.ascontiguousarray(x, dtype=_npz_feature_dtype(x, dtype))
     if not np.all(np.isfinite(x)):
         raise DataError(f"npz: {path} key 'x' contains NaN or inf (or values too large for {x.dtype})")
-    # y
+    return x
+
+
+def _npz_labels(path: str, y: np.ndarray, n: int) -> np.ndarray:
     if y.ndim != 1 or y.shape[0] != n:
         raise DataError(f"npz: {path} key 'y' must have shape ({n},) to match 'x', got {y.shape}")
     if y.dtype.kind not in "iu":
         raise DataError(f"npz: {path} key 'y' must have an integer dtype, got {y.dtype}")
     if y.min() < 0:
         raise DataError(f"npz: {path} key 'y' contains negative label {int(y.min())}")
-    y = y.astype(np.int64)
-    num_classes = int(y.max()) + 1
-    # agent / test
+    return y.astype(np.int64)
+
+
+def _npz_agents(path: str, agent: np.ndarray | None, test: np.ndarray | None, n: int):
+    """The optional natural agent ids (int64) and held-out marks (bool)."""
     if agent is not None:
         if agent.ndim != 1 or agent.shape[0] != n:
             raise DataError(f"npz: {path} key 'agent' must have shape ({n},) to match 'x', got {agent.shape}")
@@ -240,14 +242,19 @@ def _load_npz(path: str, dtype: np.dtype) -> Dataset:
             raise DataError(f"npz: {path} key 'test' is only allowed together with key 'agent'")
         if test.ndim != 1 or test.shape[0] != n:
             raise DataError(f"npz: {path} key 'test' must have shape ({n},) to match 'x', got {test.shape}")
-        if test.dtype.kind == "b":
-            pass
-        elif test.dtype.kind in "iu" and np.all((test == 0) | (test == 1)):
-            pass
-        else:
+        zero_one = test.dtype.kind in "iu" and np.all((test == 0) | (test == 1))
+        if test.dtype.kind != "b" and not zero_one:
             raise DataError(f"npz: {path} key 'test' must be boolean (or 0/1 integers), got dtype {test.dtype}")
         test = test.astype(bool)
-    return Dataset(x=x, y=y, num_classes=num_classes, name="npz", agent=agent, test=test)
+    return agent, test
+
+
+def _load_npz(path: str, dtype: np.dtype) -> Dataset:
+    a = _read_npz(path)
+    x = _npz_features(path, a["x"], dtype)
+    y = _npz_labels(path, a["y"], x.shape[0])
+    agent, test = _npz_agents(path, a["agent"], a["test"], x.shape[0])
+    return Dataset(x=x, y=y, num_classes=int(y.max()) + 1, name="npz", agent=agent, test=test)
 
 
 # --------------------------------------------------------------------------- dispatch
