@@ -183,14 +183,15 @@ def _due(round_: int, every: int, last: int) -> bool:
     return round_ % every == 0 or round_ == last
 
 
-def _local_round(s: Setup, params: dict, r: int) -> tuple[torch.Tensor, list[int]]:
-    """This rank's share of round ``r`` (the cohort is the same on every rank) and its flags
-    [out-of-range terms, stop requested] for the server step."""
+def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int, int, dict]:
+    """Local round on every rank, then the server step; (params, meta-loss, bad terms, stop, timings)."""
     cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, s.cfg.train.agents_per_round)
     weights = algorithm.aggregation_weights(cohort, s.train_counts, s.cfg.train.weighting)
     limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
     _maybe_inject_failure(s.world, r)
-    return limbs, [bad, 1 if signals.requested() else 0]
+    stop = 1 if signals.requested() else 0
+    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, limbs, [bad, stop], params)
+    return new_params, meta_loss, bad, stop, timings
 
 
 def _report_divergence(world: dist.World, r: int, bad: int) -> int:
@@ -234,8 +235,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
     try:
         for r in range(start_round + 1, R + 1):
             t0 = time.perf_counter()
-            limbs, flags = _local_round(s, params, r)
-            new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, limbs, flags, params)
+            new_params, meta_loss, bad, stop, timings = _run_round(s, params, r)
             if bad:
                 code = _report_divergence(s.world, r, bad)
                 break
