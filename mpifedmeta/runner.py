@@ -20,14 +20,14 @@ import torch
 
 from . import __version__, algorithm, budget, dist, exactsum, io, lock, metagrad, rng, signals
 from .block import build_block
-from .config import Config, ConfigError, from_json
+from .config import Config, ConfigError, from_json, keys_where
+from .console import Progress, final_table, say
 from .data import DataError, load_dataset, make_partition
-from .models import build_model, flatten, param_dict, unflatten
+from .models import build_model, param_dict
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED, EXIT_DISK_FULL = 0, 1, 2, 3, 4, 5
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk", "memory_budget", "compile", "recompute"),
-                  "eval": ("chunk",), "output": ("checkpoint_every", "keep", "progress_every", "dir")}
+# Keys that may change between a run and its resumption (flagged in config.SCHEMA).
+RESUMABLE_KEYS = keys_where("resumable")
 
 
 class BadInput(RuntimeError):
@@ -87,11 +87,6 @@ def output_lock(world: dist.World, out_dir: str):
             held.release()
 
 
-def say(world, *args, err: bool = False) -> None:
-    if world.is_root:
-        print(*args, file=sys.stderr if err else sys.stdout, flush=True)
-
-
 @dataclass
 class Setup:
     cfg: Config
@@ -115,7 +110,7 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     def build():
         device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-        ds = load_dataset(cfg.data.dataset, cfg.data.path)
+        ds = load_dataset(cfg.data.dataset, cfg.data.path, cfg.train.dtype)
         with torch.device("meta"):       # shapes only: an absurd size is refused before it is allocated
             shapes = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden)
         budget.check_run(cfg, world.size, ds, sum(p.numel() for p in shapes.parameters()),
@@ -225,161 +220,140 @@ def _params_numpy(params: dict) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in params.items()}
 
 
-class Progress:
-    """A tqdm bar on an interactive terminal; plain periodic lines in batch jobs (rank 0 only)."""
+class _Writer:
+    """Rank 0's files during training: metrics rows not yet written and checkpoints, and the stop
+    checkpoint that a signal asks for.
 
-    def __init__(self, world, start: int, total: int, every: int):
-        self.bar, self.lines = None, world.is_root
-        self.every = every or max(1, (total - start) // 20)
-        if world.is_root and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar, self.lines = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True), False
-
-    def update(self, round_: int, total: int, meta_loss: float, round_time: float, acc: str = "") -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"meta-loss {meta_loss:.4f}{acc}")
-        elif self.lines and (round_ % self.every == 0 or round_ == total):
-            print(f"round {round_}/{total}  meta-loss {meta_loss:.4f}  {round_time:.3f} s/round{acc}", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def final_table(ks: list[int], row: dict) -> str:
-    lines = ["personalized test accuracy after k fine-tuning steps (mean ± std over agents)",
-             f"{'k':>3}  {'training agents':>18}  {'holdout agents':>18}"]
-    for j, k in enumerate(ks):
-        cells = []
-        for name in ("train", "holdout"):
-            a = row[f"{name}_agent_acc"][j]
-            cells.append(f"{100 * a.mean():6.2f}% ± {100 * a.std():5.2f}" if a.size else f"{'–':>18}")
-        lines.append(f"{k:>3}  {cells[0]:>18}  {cells[1]:>18}")
-    return "\n".join(lines)
-
-
-class RunWriter:
-    """Rank 0's writes during training: pending metrics rows, checkpoints, and the stop checkpoint.
-
-    A stop signal calls :meth:`on_stop` from the handler: if the last completed round's checkpoint
-    is not on disk yet, it is written at once (a launcher may SIGKILL a second later, long before
-    the current round ends); the loop still finishes its round and checkpoints that one too.
+    On a stop signal the handler calls :meth:`on_stop`: if the last completed round's checkpoint is
+    not on disk yet, it is written at once (a launcher may SIGKILL a second later, long before the
+    current round ends); the loop still finishes its round and checkpoints that one too. Every write
+    of the loop goes through :func:`agreed`, so a full disk ends every rank with exit 5.
     """
 
-    def __init__(self, s: Setup, out_dir: str, round_: int, params: dict, wall: float):
+    def __init__(self, s: "Setup", out_dir: str, round_: int, params: dict, wall: float):
         self.s, self.out_dir = s, out_dir
-        self.train_rows: list[dict] = []
-        self.eval_rows: list[dict] = []
-        self.done = (round_, params, wall)      # the last completed round (its checkpoint may be pending)
-        self.on_disk = round_                   # newest round whose checkpoint is written
+        self.train: list[dict] = []
+        self.eval: list[dict] = []
+        self.done = (round_, params, wall)      # the last completed round
+        self.on_disk = round_                   # the newest round whose checkpoint is written
         self.busy = False
 
-    def completed(self, round_: int, params: dict, wall: float, train_row: dict, eval_row: dict | None) -> None:
-        self.train_rows.append(train_row)
-        if eval_row is not None:
-            self.eval_rows.append(eval_row)
+    def completed(self, round_: int, params: dict, wall: float) -> None:
         self.done = (round_, params, wall)
 
-    def write(self, checkpoint: bool) -> None:
-        """Append the pending rows (metrics first: a crash in between leaves rows the resume
-        truncates), then the checkpoint of the last completed round if asked."""
+    def _write(self, checkpoint: bool) -> None:
+        """Rank 0: the pending rows (metrics first: a crash in between leaves rows the resume
+        truncates), then the last completed round's checkpoint if asked and not yet on disk."""
         self.busy = True
         try:
-            io.append_metrics(self.out_dir, self.train_rows, self.eval_rows)
-            self.train_rows, self.eval_rows = [], []
-            if checkpoint and self.on_disk != self.done[0]:
-                r, params, wall = self.done
+            io.append_metrics(self.out_dir, self.train, self.eval)
+            self.train, self.eval = [], []
+            r, params, wall = self.done
+            if checkpoint and self.on_disk != r:
                 io.write_checkpoint(self.out_dir, r, _params_numpy(params), self.s.cfg.to_json(),
                                     _ckpt_attrs(self.s, wall), self.s.cfg.output.keep)
                 self.on_disk = r
         finally:
             self.busy = False
 
+    def flush(self, checkpoint: bool = False) -> None:
+        """On every rank: rank 0 writes, every rank learns whether it worked."""
+        agreed(self.s.world, (lambda: self._write(checkpoint)) if self.s.world.is_root else None,
+               root_only=True, errors=())
+        self.train, self.eval = [], []
+
     def on_stop(self) -> None:
-        """Signal-handler hook (main thread, between two bytecodes): never raises."""
-        if self.busy or self.on_disk >= self.done[0]:
+        """Signal-handler hook (main thread, between two bytecodes); never raises."""
+        if not self.s.world.is_root or self.busy or self.on_disk >= self.done[0]:
             return                  # a write in progress, or nothing new: the loop's own write follows
         try:
-            self.write(True)
+            self._write(True)
             text = f"mpifedmeta: {_now()} stop signal: checkpoint of the last completed round {self.on_disk} written\n"
         except Exception as e:      # e.g. disk full: the loop's own write reports it
-            text = f"mpifedmeta: stop signal: could not write the checkpoint at once: {str(e).splitlines()[0]}\n"
-        os.write(2, text.encode())  # not print(): the handler may interrupt a print of the main thread
+            text = f"mpifedmeta: stop signal: could not write a checkpoint at once: {str(e).splitlines()[0]}\n"
+        os.write(2, text.encode())  # not print(): the handler may have interrupted a print
+
+
+def _due(round_: int, every: int, last: int) -> bool:
+    return round_ % every == 0 or round_ == last
+
+
+def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int, int, dict]:
+    """Local round on every rank, then the server step; (params, meta-loss, bad terms, stop, timings)."""
+    cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, s.cfg.train.agents_per_round)
+    weights = algorithm.aggregation_weights(cohort, s.train_counts, s.cfg.train.weighting)
+    limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
+    _maybe_inject_failure(s.world, r)
+    stop = 1 if signals.requested() else 0
+    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, limbs, [bad, stop], params)
+    return new_params, meta_loss, bad, stop, timings
+
+
+def _report_divergence(world: dist.World, r: int, bad: int) -> int:
+    say(world, f"mpifedmeta: diverged in round {r}: {bad} non-finite or out-of-range (|value| >= "
+               f"{exactsum.LIMIT:g}) parameter terms; keeping the last good checkpoint. "
+               "Lower train.beta / train.alpha.", err=True)
+    return EXIT_DIVERGED
+
+
+def _report_stop(world: dist.World, r: int, out_dir: str) -> int:
+    say(world, f"mpifedmeta: {_now()} stop requested ({signals.requested() or 'signal on another rank'}); "
+               f"checkpoint of round {r} written to {out_dir}; continue with `mpifedmeta resume {out_dir}` "
+               f"(exit code {EXIT_STOPPED})", err=True)
+    return EXIT_STOPPED
+
+
+def _finish(s: Setup, out_dir: str, last_eval: dict | None, wall: float) -> None:
+    """Rank 0: the final accuracy table and the closing line."""
+    if not s.world.is_root:
+        return
+    if last_eval is None:
+        last_eval = _last_eval_row(out_dir)
+    if last_eval is not None:
+        print(final_table(list(s.cfg.eval.finetune_steps), last_eval), flush=True)
+    print(f"done: {s.cfg.train.rounds} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
 
 
 def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) -> int:
     """Rounds start_round+1 .. cfg.train.rounds; returns the exit code (0, 3 stopped, 4 diverged)."""
-    cfg, world = s.cfg, s.world
-    R, K = cfg.train.rounds, cfg.train.agents_per_round
-    like = {k: v for k, v in params.items()}
-    d = sum(v.numel() for v in params.values())
-    writer = RunWriter(s, out_dir, start_round, params, wall0) if world.is_root else None
-    progress = Progress(world, start_round, R, cfg.output.progress_every)
-    last_eval: dict | None = None
-    wall = wall0
-    code = EXIT_OK
-    r = start_round
-    signals.on_stop(writer.on_stop if writer else None)
+    cfg, R = s.cfg, s.cfg.train.rounds
+    files = _Writer(s, out_dir, start_round, params, wall0)
+    progress = Progress(s.world, start_round, R, cfg.output.progress_every)
+    last_eval, wall, code = None, wall0, EXIT_OK
+    signals.on_stop(files.on_stop)
     try:
-        while r < R:
-            r += 1
+        for r in range(start_round + 1, R + 1):
             t0 = time.perf_counter()
-            cohort = rng.cohort(cfg.train.seed, r, s.num_train, K)
-            weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
-            limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
-            _maybe_inject_failure(world, r)
-            stop = 1 if signals.requested() else 0
-            flags = torch.tensor([bad, stop], dtype=torch.int64, device=limbs.device)
-            t1 = time.perf_counter()
-            buf = dist.allreduce_tensor(world, torch.cat([limbs.reshape(-1), flags]))
-            t_ar = time.perf_counter() - t1
-            bad, stop = int(buf[-2]), int(buf[-1])
+            new_params, meta_loss, bad, stop, timings = _run_round(s, params, r)
             if bad:
-                code = EXIT_DIVERGED
-                say(world, f"mpifedmeta: diverged in round {r}: {bad} non-finite or out-of-range (|value| >= "
-                           f"{exactsum.LIMIT:g}) parameter terms; keeping the last good checkpoint. "
-                           "Lower train.beta / train.alpha.", err=True)
-                r -= 1
+                code = _report_divergence(s.world, r, bad)
                 break
-            total = exactsum.decode(buf[:-2].reshape(2, d + 1))
-            flat = torch.as_tensor(total[:d], dtype=s.dtype, device=s.device)
-            params = unflatten(flat, like)
-            wall += time.perf_counter() - t0
+            params = new_params
             round_time = time.perf_counter() - t0
-            train_row = {"round": r, "meta_loss": float(total[d]), "wall_time": wall,
-                         "round_time": round_time, "allreduce_time": t_ar,
-                         "bytes_allreduced": buf.nbytes, "num_sampled": K}
-            is_eval = r % cfg.eval.every == 0 or r == R
-            is_ckpt = r % cfg.output.checkpoint_every == 0 or r == R or bool(stop)
-            if is_eval:
+            wall += round_time
+            files.train.append({"round": r, "meta_loss": meta_loss, "wall_time": wall, "round_time": round_time,
+                                "num_sampled": cfg.train.agents_per_round, **timings})
+            evaluated = _due(r, cfg.eval.every, R)
+            if evaluated:
                 last_eval = evaluate(s, params, r)
-            if writer:
-                writer.completed(r, params, wall, train_row, last_eval if is_eval else None)
-            acc = ""
-            if last_eval is not None and is_eval:
-                acc = "  acc@k " + " ".join(f"{100 * a:.1f}" for a in last_eval["train_acc_mean"])
-            progress.update(r, R, float(total[d]), round_time, acc)
-            if is_ckpt or is_eval:
-                agreed(world, (lambda: writer.write(is_ckpt)) if writer else None, root_only=True, errors=())
-            if writer and signals.requested():
-                writer.on_stop()
+                if s.world.is_root:
+                    files.eval.append(last_eval)
+            files.completed(r, params, wall)
+            progress.update(r, R, meta_loss, round_time, last_eval if evaluated else None)
+            checkpointed = _due(r, cfg.output.checkpoint_every, R) or bool(stop)
+            if checkpointed or evaluated:
+                files.flush(checkpoint=checkpointed)
+            if signals.requested():
+                files.on_stop()
             if stop and r < R:
-                code = EXIT_STOPPED
-                say(world, f"mpifedmeta: {_now()} stop requested ({signals.requested() or 'signal on another rank'}); "
-                           f"checkpoint of round {r} written to {out_dir}; continue with `mpifedmeta resume {out_dir}` "
-                           f"(exit code {EXIT_STOPPED})", err=True)
+                code = _report_stop(s.world, r, out_dir)
                 break
     finally:
         signals.on_stop(None)
         progress.close()
-    agreed(world, (lambda: writer.write(False)) if writer else None, root_only=True, errors=())
-    if code == EXIT_OK and world.is_root:
-        if last_eval is None:
-            last_eval = _last_eval_row(out_dir)
-        if last_eval is not None:
-            print(final_table(list(cfg.eval.finetune_steps), last_eval), flush=True)
-        print(f"done: {R} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
+    files.flush()
+    if code == EXIT_OK:
+        _finish(s, out_dir, last_eval, wall)
     return code
 
 
