@@ -217,7 +217,7 @@ mfm_run_segment() {
       mfm_log "scontrol requeue failed (job not requeueable? submit with --requeue); resubmit to resume"
       return 3 ;;
     *)
-      mfm_log "failed with code $rc (1 error, 2 bad input, 4 diverged): not requeued"
+      mfm_log "failed with code $rc (1 error, 2 bad input, 4 diverged, 5 disk full): not requeued"
       return "$rc" ;;
   esac
 }
