@@ -560,3 +560,51 @@ def test_stop_signal_checkpoints_the_last_completed_round_at_once(cfg_path, fini
     assert b["train/round"].tolist() == list(range(1, R + 1))
     assert arrays_identical(a["train/meta_loss"], b["train/meta_loss"])
     assert arrays_identical(a["eval/train_agent_acc"], b["eval/train_agent_acc"])
+
+
+# --------------------------------------------------------------------------- in-process, any number of ranks
+
+def _mpi_world():
+    from mpi4py import MPI
+    from mpifedmeta.dist import World
+    comm = MPI.COMM_WORLD
+    return World(comm, comm.Get_rank(), comm.Get_size(), local_rank=comm.Get_rank(), local_size=comm.Get_size())
+
+
+@pytest.mark.mpi
+def test_agreed_gives_every_rank_the_same_outcome():
+    from mpifedmeta import runner
+    from mpifedmeta.config import ConfigError
+    world = _mpi_world()
+    assert runner.agreed(world, lambda: world.rank) == world.rank
+    assert runner.agreed(world, lambda: "root", root_only=True) == ("root" if world.is_root else None)
+
+    def full():
+        raise io.DiskFull(errno.ENOSPC, "no space left on /dev/x (mounted on /x) while writing /x/metrics.h5")
+    with pytest.raises(io.DiskFull, match="while writing /x/metrics.h5"):
+        runner.agreed(world, full, root_only=True, errors=())
+
+    def bad_on_last():
+        if world.rank == world.size - 1:
+            raise ConfigError("train.nu = -1: must be >= 0")
+    with pytest.raises(runner.BadInput, match="train.nu"):
+        runner.agreed(world, bad_on_last)
+
+
+@pytest.mark.mpi
+def test_output_lock_held_refuses_on_every_rank():
+    import tempfile
+    from mpifedmeta import runner
+    world = _mpi_world()
+    base = world.comm.bcast(tempfile.mkdtemp(prefix="mpifedmeta-lock-") if world.is_root else None, root=0)
+    try:
+        with runner.output_lock(world, base):
+            with pytest.raises(runner.BadInput, match="in use by another mpifedmeta run"):
+                with runner.output_lock(world, base):       # a second open file description: refused
+                    pass
+        with runner.output_lock(world, base):               # released: free again
+            pass
+    finally:
+        world.comm.Barrier()
+        if world.is_root:
+            shutil.rmtree(base, ignore_errors=True)
