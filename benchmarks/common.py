@@ -174,6 +174,18 @@ class Problem:
         self.global_params = w
         self.params = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in w.items()}
         self.num_params = sum(v.numel() for v in w.values())
+        self._engines: dict = {}
+
+    def engine(self, strategy: str = "stacked", chunk: int = 64):
+        """The engine's backend ``strategy`` for this model (mpifedmeta.backends), cached."""
+        from mpifedmeta import backends
+        if (strategy, chunk) not in self._engines:
+            self._engines[strategy, chunk] = backends.make(self.model, strategy, chunk)
+        return self._engines[strategy, chunk]
+
+    def meta(self, nu: int | None = None, alpha: float = 0.1, method: str | None = None, delta: float = 1e-3,
+             recompute: bool = False):
+        return metagrad.MetaSpec(self.nu if nu is None else nu, alpha, method or self.method, delta, recompute)
 
 
 def flat_stacked(params: dict) -> torch.Tensor:

@@ -75,8 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["exact", "fo"], choices=metagrad.METHODS)
     ap.add_argument("--blocks", nargs="+", type=int, default=[32, 128])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--variants", nargs="+", default=["vmap", "baseline"], choices=("vmap", "chunked", "loop", "baseline"),
-                    help="engine strategies and/or the baseline loop (default: vmap baseline)")
+    ap.add_argument("--variants", nargs="+", default=["stacked", "vmap", "baseline"],
+                    choices=("stacked", "vmap", "chunked", "loop", "baseline"),
+                    help="engine strategies and/or the baseline loop (default: stacked vmap baseline)")
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per configuration (>= 3 repeats)")
@@ -111,8 +112,8 @@ def main(argv=None) -> int:
                 fns[v] = lambda p=p, base=base: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, p.nu, ALPHA,
                                                                           p.method, DELTA)
             else:
-                fns[v] = lambda p=p, v=v: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask,
-                                                                        p.nu, ALPHA, p.method, DELTA, v, args.chunk)
+                fns[v] = lambda p=p, v=v: metagrad.block_meta_gradients(p.engine(v, args.chunk), p.params, p.X, p.Y,
+                                                                        p.idx, p.mask, p.meta(alpha=ALPHA, delta=DELTA))
         counts = {v: count_flops(fn) for v, fn in fns.items()}
         analytic = analytic_fo_mlp(p) if method == "fo" else None
         if analytic is not None:

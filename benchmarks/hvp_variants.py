@@ -96,8 +96,8 @@ def main(argv=None) -> int:
         rr = vmap(lambda a, i, m, X, Y: agent_meta_gradient_rr(p.loss, a, X, Y, i, m, nu, ALPHA),
                   in_dims=(0, 0, 0, None, None))
         fns = {"baseline": lambda: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, nu, ALPHA, "exact"),
-               "vmap_jvp": lambda: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, nu,
-                                                                 ALPHA, "exact"),
+               "vmap_jvp": lambda: metagrad.block_meta_gradients(p.engine("vmap"), p.params, p.X, p.Y, p.idx, p.mask,
+                                                                 p.meta(nu, ALPHA, "exact")),
                "vmap_rr": lambda: rr(p.params, p.idx, p.mask, p.X, p.Y)}
         ref = fns["vmap_jvp"]()[0]
         row = {"model": args.model, "nu": nu, "B": args.block, "batch": args.batch,

@@ -95,9 +95,10 @@ def child(args) -> dict:
             return base.block_meta_gradients(p.params, p.X, p.Y, p.idx, args.nu, ALPHA, "exact", DELTA)
     else:
         def call():
-            return metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, args.nu, ALPHA, method,
-                                                 DELTA, "vmap", unrolled=args.variant == "unrolled",
-                                                 recompute=args.variant == "recompute")
+            if args.variant == "unrolled":
+                return metagrad.block_meta_gradients_unrolled(p.loss, p.params, p.X, p.Y, p.idx, p.mask, args.nu, ALPHA)
+            return metagrad.block_meta_gradients(p.engine("vmap"), p.params, p.X, p.Y, p.idx, p.mask,
+                                                 p.meta(args.nu, ALPHA, method, DELTA, args.variant == "recompute"))
 
     out = call()                       # warm-up: one-time allocations (kernels, thread pools, caches)
     del out

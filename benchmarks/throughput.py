@@ -82,8 +82,8 @@ def resolve_auto(p: common.Problem, device, chunk: int) -> dict:
     t0 = time.perf_counter()
     if kind == "measure":
         def step(cand, ch):
-            metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, ALPHA, p.method,
-                                          DELTA, cand, ch)
+            metagrad.block_meta_gradients(p.engine(cand, ch), p.params, p.X, p.Y, p.idx, p.mask,
+                                          p.meta(alpha=ALPHA, delta=DELTA))
         choice = _strategy_mod.measure(step, device, chunk, p.B)
         strat, ch = choice.strategy, choice.chunk
     elif kind == "select_strategy":
@@ -114,7 +114,8 @@ def agreement_check(models, methods, device) -> list[dict]:
     for model in models:
         for method in methods:
             p = common.Problem(model, 4, 2, method, device=device, seed=1)
-            ours, v1 = metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, 2, ALPHA, method, DELTA)
+            ours, v1 = metagrad.block_meta_gradients(p.engine("stacked"), p.params, p.X, p.Y, p.idx, p.mask,
+                                                     p.meta(2, ALPHA, method, DELTA))
             base, v2 = LoopBaseline(p.model).block_meta_gradients(p.params, p.X, p.Y, p.idx, 2, ALPHA, method, DELTA)
             err = common.rel_err(ours, base)
             lerr = float(((v1 - v2).abs() / v2.abs().clamp_min(1e-30)).max())
@@ -150,14 +151,14 @@ def interleaved(fns: dict, device, repeats: int, budget_s: float) -> dict:
 
 
 def engine_call(p: common.Problem, strategy: str, chunk: int):
-    """One block call of the engine with ``strategy`` ('compiled' = vmap with compile=True)."""
+    """One block call of the engine with ``strategy`` ('compiled' = stacked, one local step captured
+    with torch.compile, train.compile = "compile")."""
+    meta = p.meta(alpha=ALPHA, delta=DELTA)
     if strategy == "compiled":
-        if "compile" not in inspect.signature(metagrad.block_meta_gradients).parameters:
-            raise SystemExit("--strategies compiled: this engine's block_meta_gradients has no compile option")
-        return lambda: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, ALPHA,
-                                                     p.method, DELTA, "vmap", chunk, compile=True)
-    return lambda: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, ALPHA,
-                                                 p.method, DELTA, strategy, chunk)
+        idx, mask = p.idx[:, None], p.mask[:, None]
+        return lambda: metagrad.local_update(p.engine("stacked", chunk), p.params, p.X, p.Y, idx, mask, meta,
+                                             BETA, capture="compile")
+    return lambda: metagrad.block_meta_gradients(p.engine(strategy, chunk), p.params, p.X, p.Y, p.idx, p.mask, meta)
 
 
 def measure_config(model, nu, method, B, args, device, strategies) -> dict:
@@ -176,8 +177,8 @@ def measure_config(model, nu, method, B, args, device, strategies) -> dict:
         row["auto"] = auto
         s = auto.get("strategy")
         if s and s not in fns:
-            fns[s] = (lambda s=s: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, nu,
-                                                                ALPHA, method, DELTA, s, auto.get("chunk", args.chunk)))
+            fns[s] = (lambda s=s: metagrad.block_meta_gradients(p.engine(s, auto.get("chunk", args.chunk)), p.params,
+                                                                p.X, p.Y, p.idx, p.mask, p.meta(nu, ALPHA, method, DELTA)))
     with warnings.catch_warnings(record=True) as caught:   # e.g. the engine's torch.compile fallback
         warnings.simplefilter("always")
         t = interleaved(fns, device, args.repeats, args.budget)
@@ -205,13 +206,13 @@ def measure_e2e(args, device, strategies) -> dict:
     for s in strategies:
         if s == "chunked" and args.chunk >= c["B"]:
             continue
-        kw = {"compile": True} if s == "compiled" else {}
-        fns[s] = (lambda s=s, kw=kw: metagrad.local_update(p.loss, p.params, p.X, p.Y, p.idx, p.mask, c["nu"], ALPHA,
-                                                           BETA, c["method"], DELTA, "vmap" if s == "compiled" else s,
-                                                           args.chunk, **kw))
+        capture = "compile" if s == "compiled" else "off"
+        fns[s] = (lambda s=s, capture=capture: metagrad.local_update(
+            p.engine("stacked" if s == "compiled" else s, args.chunk), p.params, p.X, p.Y, p.idx, p.mask,
+            p.meta(c["nu"], ALPHA, c["method"], DELTA), BETA, capture))
     # the engine and the baseline must end at the same local models
     ours, _ = fns["vmap"]() if "vmap" in fns else metagrad.local_update(
-        p.loss, p.params, p.X, p.Y, p.idx, p.mask, c["nu"], ALPHA, BETA, c["method"], DELTA)
+        p.engine("stacked"), p.params, p.X, p.Y, p.idx, p.mask, p.meta(c["nu"], ALPHA, c["method"], DELTA), BETA)
     theirs, _ = fns["baseline"]()
     # compare the displacements w_final − w (the models themselves differ by less than float32 resolution)
     moved = lambda q: {k: q[k] - p.params[k] for k in q}   # noqa: E731
@@ -245,10 +246,10 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=None, choices=metagrad.METHODS, help="default of --full: exact fo hf")
     ap.add_argument("--blocks", nargs="+", type=int, default=None, help="agents per block (default of --full: 8 32 128)")
     ap.add_argument("--batch", type=int, default=32, help="samples per batch (default 32)")
-    ap.add_argument("--strategies", nargs="+", default=["vmap", "chunked", "loop"],
-                    choices=("vmap", "chunked", "loop", "compiled"),
-                    help="engine strategies to time (default: vmap chunked loop); 'compiled' = vmap through "
-                         "torch.compile (block_meta_gradients(compile=True)); its compile time is the warm-up")
+    ap.add_argument("--strategies", nargs="+", default=["stacked", "vmap", "chunked", "loop"],
+                    choices=("stacked", "vmap", "chunked", "loop", "compiled"),
+                    help="engine strategies to time (default: stacked vmap chunked loop); 'compiled' = stacked through "
+                         "torch.compile (train.compile = \"compile\"); its compile time is the warm-up")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip the engine's auto strategy choice")
     ap.add_argument("--chunk", type=int, default=16, help="agents per vmap call of the chunked strategy (default 16)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per variant after one warm-up (default 5)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, dist, exactsum, io, metagrad, rng, signals
+from . import __version__, algorithm, backends, dist, exactsum, io, metagrad, rng, signals
 from .block import build_block
 from .config import Config, ConfigError, from_json
 from .data import DataError, load_dataset, make_partition
@@ -55,6 +55,8 @@ class Setup:
     eval_train_ids: np.ndarray
     holdout_ids: np.ndarray
     spec: algorithm.RoundSpec
+    backend: object = None       # set by choose_strategy (mpifedmeta.backends)
+    strategy: str = ""
 
 
 def setup(cfg: Config, world: dist.World) -> Setup:
@@ -78,6 +80,8 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         block = build_block(ds.x, ds.y, part, lo, hi, device, dtype)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden).to(dtype)
+        strategy = backends.default_strategy(model) if cfg.train.strategy == "auto" else cfg.train.strategy
+        backend = backends.make(model, strategy, cfg.train.chunk)   # "auto" is resolved by choose_strategy
     except (ConfigError, DataError, dist.LaunchError, ValueError, OSError) as e:
         err = str(e).splitlines()[0] if str(e) else type(e).__name__
     err = dist.first_error(world, err)
@@ -90,50 +94,30 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         eval_ids = np.sort(np.random.default_rng([rng.EVAL_AGENTS, cfg.train.seed]).choice(
             num_train, cfg.eval.agents, replace=False)).astype(np.int64)
     t = cfg.train
-    spec = algorithm.RoundSpec(t.seed, t.local_steps, t.nu, t.alpha, t.beta, t.batch_size, t.metagrad,
-                               t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk, t.compile,
-                               t.recompute)
+    spec = algorithm.RoundSpec(t.seed, t.local_steps, t.beta, t.batch_size,
+                               metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
+                               metagrad.capture_mode(t.compile))
     setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
                    metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
-                   np.arange(num_train, N, dtype=np.int64), spec)
+                   np.arange(num_train, N, dtype=np.int64), spec, backend, strategy)
     model.requires_grad_(False)
     return setup_
 
 
 def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
-    """Resolve train.strategy = "auto": reuse the choice recorded in the checkpoint when resuming
-    (so a resumed run continues bit-for-bit), else time the candidates on every rank and let all
-    ranks agree on the one whose slowest rank is fastest. Returns a one-line description."""
-    import dataclasses
+    """Resolve train.strategy (see mpifedmeta.strategy) and build the backend; returns a one-line
+    description of the choice."""
     from . import strategy as strat
 
-    if s.cfg.train.strategy != "auto":
-        return s.spec.strategy
-    if recorded:
-        s.spec = dataclasses.replace(s.spec, strategy=recorded)
-        return f"{recorded} (recorded in the checkpoint)"
-    blk = s.block
-    per_rank = -(-s.cfg.train.agents_per_round // s.world.size)
-    B = max(1, min(per_rank, blk.num_agents))
-    ids = torch.arange(blk.lo, blk.lo + B, device=blk.device)
-    spec1 = dataclasses.replace(s.spec, local_steps=1)
-    idx, mask = algorithm.round_batches(blk, spec1, 0, ids, ids - blk.lo)
-    stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in params.items()}
-
-    def step(cand: str, chunk: int) -> None:
-        metagrad.block_meta_gradients(s.loss, stacked, blk.X_train, blk.Y_train, idx[:, 0], mask[:, 0],
-                                      s.spec.nu, s.spec.alpha, s.spec.method, s.spec.delta, cand, chunk)
-
-    mine = strat.measure(step, s.device, s.cfg.train.chunk, B, s.cfg.train.memory_budget)
-    every = dist.allgather(s.world, (mine.seconds, mine.skipped))
-    usable = [c for c in strat.CANDIDATES if all(c in sec for sec, _ in every)]
-    if not usable:
-        raise BadInput(f"no execution strategy fits train.memory_budget = {s.cfg.train.memory_budget} MB "
-                       f"({'; '.join(f'{c}: {w}' for c, w in mine.skipped.items())})")
-    best = strat.pick({c: max(sec[c] for sec, _ in every) for c in usable})
-    s.spec = dataclasses.replace(s.spec, strategy=best)
-    mine.strategy = best
-    return f"auto -> {mine.describe()}"
+    t = s.cfg.train
+    per_rank = -(-t.agents_per_round // s.world.size)
+    try:
+        name, desc = strat.choose(t.strategy, s.model, s.block, params, s.spec, per_rank, t.chunk,
+                                  t.memory_budget, recorded, lambda mine: dist.allgather(s.world, mine))
+        s.backend, s.strategy = backends.make(s.model, name, t.chunk), name
+    except (strat.NoStrategyFits, ValueError) as e:
+        raise BadInput(str(e)) from None
+    return desc
 
 
 def initial_params(s: Setup) -> dict[str, torch.Tensor]:
@@ -144,11 +128,11 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     """Personalized metrics of all evaluated agents; the row (on rank 0) for metrics.h5."""
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
-    rows = algorithm.evaluate_block(s.loss, s.logits, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+    rows = algorithm.evaluate_block(s.backend, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
-        limbs = algorithm.stationarity_block(s.loss, s.block, params, s.num_train, s.cfg.train.nu,
+        limbs = algorithm.stationarity_block(s.backend, s.block, params, s.num_train, s.cfg.train.nu,
                                              s.cfg.train.alpha, s.cfg.eval.chunk)
         total = exactsum.decode(dist.allreduce_tensor(s.world, limbs.reshape(-1)).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
@@ -224,14 +208,19 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             t0 = time.perf_counter()
             cohort = rng.cohort(cfg.train.seed, r, s.num_train, K)
             weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
-            limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
+            tc = time.perf_counter()
+            limbs, bad = algorithm.local_round(s.backend, s.block, params, s.spec, r, cohort, weights)
+            if limbs.is_cuda:
+                torch.cuda.synchronize(limbs.device)
             _maybe_inject_failure(world, r)
             stop = 1 if signals.requested() else 0
+            t_compute = time.perf_counter() - tc
             flags = torch.tensor([bad, stop], dtype=torch.int64, device=limbs.device)
             t1 = time.perf_counter()
             buf = dist.allreduce_tensor(world, torch.cat([limbs.reshape(-1), flags]))
             t_ar = time.perf_counter() - t1
             bad, stop = int(buf[-2]), int(buf[-1])
+            compute = dist.max_min(world, t_compute)      # load imbalance, apart from communication
             if bad:
                 code = EXIT_DIVERGED
                 say(world, f"mpifedmeta: diverged in round {r}: {bad} non-finite or out-of-range (|value| >= "
@@ -246,7 +235,8 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             round_time = time.perf_counter() - t0
             pending_train.append({"round": r, "meta_loss": float(total[d]), "wall_time": wall,
                                   "round_time": round_time, "allreduce_time": t_ar,
-                                  "bytes_allreduced": buf.nbytes, "num_sampled": K})
+                                  "bytes_allreduced": buf.nbytes, "num_sampled": K,
+                                  "compute_time": compute[0], "compute_time_min": compute[1]})
             is_eval = r % cfg.eval.every == 0 or r == R
             is_ckpt = r % cfg.output.checkpoint_every == 0 or r == R or bool(stop)
             if is_eval:
@@ -339,12 +329,12 @@ def start_new(cfg: Config, world: dist.World) -> int:
 
 
 def _ckpt_attrs(s: Setup, wall: float) -> dict:
-    return {"wall_time": wall, "strategy": s.spec.strategy, "rng": "counter-based: (seed, round, agent, step)"}
+    return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)"}
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
-            "strategy": s.spec.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
+            "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
             "world_size_at_start": s.world.size}
 
 
