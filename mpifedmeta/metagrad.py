@@ -208,15 +208,27 @@ def local_update(backend, params: Params, X, Y, idx, mask, meta: MetaSpec, beta:
     return local_update_eager(backend, params, X, Y, idx, mask, meta, beta)
 
 
+ROUND_GATHER_BYTES = 64 << 20   # gather a whole local round at once below this size, else step by step
+
+
 def local_update_eager(backend, params: Params, X, Y, idx, mask, meta: MetaSpec,
                        beta: float) -> tuple[Params, torch.Tensor]:
+    """:func:`local_update` without capture. The samples of all τ steps and slots are gathered
+    in one indexing call (step by step when that would exceed ROUND_GATHER_BYTES); full batches,
+    the same rows in every step (an expanded view), are gathered once."""
     tau = idx.shape[1]
-    # full batches repeat the same rows in every step (an expanded view): gather them once
-    same = tau == 1 or (idx.stride(1) == 0 and mask.stride(1) == 0)
-    batches = gather(X, Y, idx[:, 0], mask[:, 0]) if same else None
+    if tau == 1 or (idx.stride(1) == 0 and mask.stride(1) == 0):
+        once = gather(X, Y, idx[:, 0], mask[:, 0])
+        steps = lambda t: once                                                   # noqa: E731
+    elif idx.numel() * X[0].numel() * X.element_size() <= ROUND_GATHER_BYTES:
+        i = idx.permute(1, 2, 0, 3)                                              # (τ, slots, B, b)
+        xs, ys, ms = X[i], Y[i], mask.permute(1, 2, 0, 3)
+        steps = lambda t: (xs[t], ys[t], ms[t])                                  # noqa: E731
+    else:
+        steps = lambda t: gather(X, Y, idx[:, t], mask[:, t])                    # noqa: E731
     losses = []
     for t in range(tau):
-        g, value = meta_gradients(backend, params, batches if same else gather(X, Y, idx[:, t], mask[:, t]), meta)
+        g, value = meta_gradients(backend, params, steps(t), meta)
         params = _axpy(-beta, g, params)
         losses.append(value)
     return params, torch.stack(losses, dim=1)
