@@ -87,7 +87,7 @@ metagrad = "{args.method}"
 batch_size = {args.batch}
 alpha = 0.01
 beta = 0.001
-strategy = "{args.strategy}"
+{f'strategy = "{args.strategy}"' if args.strategy else "# strategy: the engine's default"}
 seed = 0
 
 [eval]
@@ -214,7 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=2,
                     help="runs per point, alternating between the points; the least disturbed one (lowest median "
                          "round time) is reported, all are recorded (default 2)")
-    ap.add_argument("--strategy", default="vmap", choices=("vmap", "chunked", "loop", "auto"))
+    ap.add_argument("--strategy", default=None,
+                    help="train.strategy of the runs: one of the engine's backends or auto (default: the engine's "
+                         "default; the strategy a run used is read back from metrics.h5)")
     ap.add_argument("--dataset", default="random", help='"random" (generated npz, default) or an engine dataset name')
     ap.add_argument("--samples-per-agent", type=int, default=100, help="random dataset: samples per agent")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -237,6 +239,12 @@ def main(argv=None) -> int:
         return 0
 
     import common
+    from mpifedmeta import config as engine_config
+    known = engine_config.STRATEGIES
+    if args.strategy is not None and args.strategy not in known:
+        ap.error(f"--strategy {args.strategy!r}: this engine has {', '.join(known)}")
+    if args.strategy is None:
+        args.strategy_default = engine_config.SCHEMA["train"]["strategy"].default
     if args.quick:
         args.model, args.cohort, args.per_rank, args.rounds, args.tau, args.nu = "linear", 4, 4, 3, 2, 1
         args.samples_per_agent, args.strong_only, args.trials = 40, True, 1
@@ -330,8 +338,8 @@ def main(argv=None) -> int:
             ("speedup", "speedup", "{:.2f}"), ("efficiency", "efficiency", "{:.0%}"),
             ("allreduce_time_median_s", "Allreduce s", "{:.5f}"), ("allreduce_share", "AR share", "{:.2%}"),
             ("bytes_allreduced", "AR bytes", "{:,}"), ("allreduce_bandwidth_GBps", "AR GB/s", "{:.2f}"),
-            ("cores_busy", "cores busy", "{:.2f}")]
-    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy}; "
+            ("cores_busy", "cores busy", "{:.2f}"), ("strategy_used", "strategy", "")]
+    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy or 'default (' + args.strategy_default + ')'}; "
           f"medians over rounds 2..{args.rounds}")
     print(common.table(rows, cols))
 
@@ -382,6 +390,7 @@ def main(argv=None) -> int:
         print(f"target {name}: {t['target']}: measured {m:.2%} -> {'MET' if t['met'] else 'MISSED'}")
 
     info["loadavg_end"] = os.getloadavg()
+    print(f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}")
     wall = time.perf_counter() - t_start
     payload = {"benchmark": "scaling", "machine": info,
                "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"ranks": ranks, "cores": cores},
