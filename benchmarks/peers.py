@@ -35,7 +35,8 @@ Measured per run:
               the loop: after its set-up), and to the end of round 1;
   peak RSS    largest resident set of any process of the run (``wait4`` of the launcher, which
               covers every descendant), plus each worker's own where it reports it;
-  loss        mean outer-batch loss of the last round's agents: the three learn the same thing.
+  loss        mean outer-batch loss of the cohorts of the last 10 rounds: the three learn the same thing
+              (their random streams for cohorts and batches differ, their initial model is the same).
 
 Plus the start-up target: ``mpifedmeta run configs/quickstart.toml --set train.rounds=1`` from
 launch to the start (and end) of round 1, median of ``--startup-runs`` launches.
@@ -144,7 +145,7 @@ def worker_loop(spec: dict) -> None:
     glob = [p.detach().clone() for p in params]
     rng, gen = np.random.default_rng(spec["seed"]), torch.Generator().manual_seed(spec["seed"])
     t_begin = time.time()
-    times, loss = [], float("nan")
+    times, loss = [], []
     for _ in range(spec["rounds"]):
         t0 = time.perf_counter()
         acc = [torch.zeros_like(p) for p in glob]
@@ -158,7 +159,7 @@ def worker_loop(spec: dict) -> None:
                 for s, p in zip(acc, params):
                     s.add_(p)
         glob = [s / spec["cohort"] for s in acc]
-        loss = sum(losses) / len(losses)
+        loss.append(sum(losses) / len(losses))
         times.append(time.perf_counter() - t0)
     report({"rank": 0, "t_train_begin": t_begin, "round_times": times, "loss": loss})
 
@@ -212,7 +213,7 @@ def worker_pfl(spec: dict) -> None:
 
     class Clock(TrainingProcessCallback):
         def __init__(self):
-            self.begin, self.ticks, self.loss = None, [], float("nan")
+            self.begin, self.ticks, self.loss = None, [], []
 
         def on_train_begin(self, *, model):
             self.begin = time.time()
@@ -221,9 +222,11 @@ def worker_pfl(spec: dict) -> None:
 
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             self.ticks.append(time.perf_counter())
+            loss = float("nan")
             for name, value in aggregate_metrics:
                 if "outer loss" in str(name):
-                    self.loss = float(value.overall_value if hasattr(value, "overall_value") else value)
+                    loss = float(value.overall_value if hasattr(value, "overall_value") else value)
+            self.loss.append(loss)
             return False, Metrics()
 
     users = {a: Dataset((X, Y), user_id=a) for a, (X, Y) in enumerate(data)}
@@ -276,6 +279,14 @@ def worker_results(run: dict) -> list[dict]:
         if at >= 0:
             found.append(json.JSONDecoder().raw_decode(text[at + len(RESULT_TAG):])[0])
     return sorted(found, key=lambda r: r["rank"])
+
+
+def last_rounds_loss(row: dict, n: int = 10) -> None:
+    """Mean outer-batch loss of the last ``n`` rounds: the systems' random streams differ, so single
+    rounds do not match, but the training curves must."""
+    series = row.get("loss_per_round") or []
+    if series:
+        row["loss"] = statistics.fmean(series[-n:])
 
 
 def summarize(times: list[float], warmup: int) -> dict:
@@ -355,7 +366,7 @@ def run_mpifedmeta(a, nu: int, method: str, ranks: int, threads: int, workdir: s
     train = io.read_table(out, "train")
     attrs = io.read_attrs(io.metrics_path(out))
     row.update(summarize([float(x) for x in train["round_time"]], a.warmup))
-    row["loss"] = float(train["meta_loss"][-1])
+    row["loss_per_round"] = [float(x) for x in train["meta_loss"]]
     row["strategy"] = str(attrs.get("strategy", "?"))
     t_line = startup_line_time(run)
     if t_line is not None:
@@ -384,7 +395,7 @@ def run_worker(a, kind: str, nu: int, processes: int, threads: int) -> dict:
         return row
     r0 = res[0]
     row.update(summarize(r0["round_times"], a.warmup))
-    row["loss"] = r0["loss"]
+    row["loss_per_round"] = r0["loss"]
     row["worker_peak_rss_mib"] = [r["maxrss_mib"] for r in res]
     row["startup_s"] = min(r["t_train_begin"] for r in res) - run["t_launch"]
     row["first_round_done_s"] = row["startup_s"] + row["round_times_s"][0]
@@ -524,6 +535,7 @@ def main(argv=None) -> int:
                 else:
                     r = run_worker(a, "loop", nu_, 1, T)
                 r.update(system=system, nu=nu, algorithm=name, loadavg_after=os.getloadavg())
+                last_rounds_loss(r)
                 trials.setdefault((system, nu), []).append(r)
                 msg = (f"ERROR {r['error']}" if "error" in r else
                        f"{1e3 * r['s_per_round']:.1f} ms/round, start-up {r.get('startup_s', float('nan')):.2f} s, "
@@ -547,7 +559,7 @@ def main(argv=None) -> int:
     cols = [("algorithm", "algorithm", ""), ("system", "system", ""), ("processes", "proc", ""), ("threads", "thr", ""),
             ("s_per_round", "ms/round", "{:.1f}"), ("vs_pfl-2x1", "× pfl", "{:.2f}"), ("vs_loop-1xT", "× loop", "{:.2f}"),
             ("startup_s", "start-up s", "{:.2f}"), ("first_round_done_s", "round 1 done s", "{:.2f}"),
-            ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("loss", "loss", "{:.3f}"), ("strategy", "strategy", "")]
+            ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("loss", "loss (last 10)", "{:.3f}"), ("strategy", "strategy", "")]
     disp = [dict(r, s_per_round=r.get("s_per_round", 0) * 1e3 if "s_per_round" in r else None) for r in rows]
     print(f"\ndigits, MLP 64-{'-'.join(map(str, a.hidden))}-10 ELU, {a.agents} agents, {a.cohort} per round, τ={a.tau}, "
           f"batch {a.batch}, float32; median over rounds {a.warmup + 1}..{a.rounds}; × = that system's s/round / this one's")
