@@ -7,7 +7,8 @@ The work (the default, as in issue 11): the scikit-learn digits (8×8), partitio
 agents exactly as mpifedmeta does (``shards``, 2 classes per agent, 20% test split; every system
 gets the same partition from ``mpifedmeta.data``), MLP 64-80-60-10 with ELU, 32 agents per
 round, τ = 5 local steps, batches of 32 drawn with replacement from the agent's training split,
-float32. Two algorithms:
+float32, on the CPU (also where a GPU is present: this compares simulators on the machine's
+cores). Two algorithms:
 
   ν = 0     FedAvg: τ local SGD steps of size β, then the server averages the local models;
   ν = 1 fo  first-order Per-FedAvg: each local step is θ = w − α∇f(w; D), w ← w − β∇f(θ; D′).
@@ -351,7 +352,7 @@ def run_mpifedmeta(a, nu: int, method: str, ranks: int, threads: int, workdir: s
     shutil.rmtree(out, ignore_errors=True)
     cfg = os.path.join(workdir, f"{tag}_nu{nu}.toml")
     write_config(cfg, a, nu, method, out)
-    sets = [f"train.threads={threads}"] + list(a.set)
+    sets = [f"train.threads={threads}", "train.device=cpu"] + list(a.set)
     cmd = mpifedmeta_cmd() + ["run", cfg] + sum((["--set", s] for s in sets), [])
     if ranks > 1:
         cmd = shlex.split(a.launcher.format(P=ranks)) + cmd
@@ -385,7 +386,7 @@ def run_worker(a, kind: str, nu: int, processes: int, threads: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] + me
     else:
         cmd = [sys.executable] + me
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", PFL_PYTORCH_DEVICE="cpu")
     run = launch(cmd, env, a.timeout)
     row = {"processes": processes, "threads": threads, "cmd": run["cmd"], "wall_s": run["wall_s"],
            "peak_rss_mib": run["peak_rss_mib"], "exit_code": run["exit_code"]}
