@@ -15,6 +15,8 @@ the free cores are counted, because multi-threaded torch collapses when oversubs
                   efficiency E(P) = T(1)/T(P)
   Allreduce share median over rounds of allreduce_time / round_time
   bandwidth       bytes_allreduced / allreduce_time (rank 0; includes any wait for a slower rank)
+  compute s       where the engine logs it (train/compute_time, _min): the slowest and fastest rank's
+                  compute time of the round, so load imbalance and communication are told apart
   cores busy      CPU seconds of all ranks (getrusage of the finished launcher) / wall seconds of the
                   run: about P×threads when the ranks had their cores, less when other processes took them
   probe           a barrier-aligned Allreduce of the same number of bytes, repeated 200 times under
@@ -139,6 +141,9 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
         rt = f["train/round_time"][:]
         ar = f["train/allreduce_time"][:]
         nb = f["train/bytes_allreduced"][:]
+        # per-rank compute time of the round (engines that log it): slowest and fastest rank
+        ct = f["train/compute_time"][:] if "train/compute_time" in f else None
+        ct_min = f["train/compute_time_min"][:] if "train/compute_time_min" in f else None
         row["strategy_used"] = str(f.attrs.get("strategy", "?"))
         row["num_params"] = int(f.attrs.get("num_params", 0))
     skip = 1 if len(rt) > 1 else 0                  # the first round pays for warm-up
@@ -148,6 +153,11 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
                 "bytes_allreduced": int(nb[0]),
                 "allreduce_share": float(np.median(ar / rt)),
                 "agent_steps_per_s": cohort * args.tau / float(np.median(rt))})
+    if ct is not None:
+        row["compute_time_median_s"] = float(np.median(ct[skip:]))
+        if ct_min is not None:
+            row["compute_time_min_median_s"] = float(np.median(ct_min[skip:]))
+            row["load_imbalance"] = float(np.median(ct[skip:] / np.maximum(ct_min[skip:], 1e-12)))
     if P > 1:
         bw = nb / np.maximum(ar, 1e-12)
         row["allreduce_bandwidth_GBps"] = float(np.median(bw)) / 1e9
@@ -338,7 +348,8 @@ def main(argv=None) -> int:
             ("speedup", "speedup", "{:.2f}"), ("efficiency", "efficiency", "{:.0%}"),
             ("allreduce_time_median_s", "Allreduce s", "{:.5f}"), ("allreduce_share", "AR share", "{:.2%}"),
             ("bytes_allreduced", "AR bytes", "{:,}"), ("allreduce_bandwidth_GBps", "AR GB/s", "{:.2f}"),
-            ("cores_busy", "cores busy", "{:.2f}"), ("strategy_used", "strategy", "")]
+            ("cores_busy", "cores busy", "{:.2f}"), ("compute_time_median_s", "compute s (slowest rank)", "{:.4f}"),
+            ("load_imbalance", "slowest/fastest", "{:.2f}"), ("strategy_used", "strategy", "")]
     print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy or 'default (' + args.strategy_default + ')'}; "
           f"medians over rounds 2..{args.rounds}")
     print(common.table(rows, cols))
