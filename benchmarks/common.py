@@ -200,7 +200,7 @@ def engine_strategies() -> tuple[str, ...]:
     return tuple(names)
 
 
-def _backend_api() -> bool:
+def backend_api() -> bool:
     """True for the engine whose meta-gradients take a backend object and a MetaSpec."""
     return hasattr(metagrad, "MetaSpec")
 
@@ -219,7 +219,7 @@ def engine_block(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.
     ``strategy``, whichever engine API this checkout has. Raises Unavailable if it cannot run."""
     if strategy not in engine_strategies():
         raise Unavailable(f"this engine has no strategy {strategy!r} (it has {', '.join(engine_strategies())})")
-    if _backend_api():
+    if backend_api():
         if unrolled:
             return lambda: metagrad.block_meta_gradients_unrolled(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha)
         be = _backend(p, strategy, chunk)
@@ -239,7 +239,7 @@ def engine_local_update(p: "Problem", strategy: str, chunk: int = 16, alpha: flo
     """A no-argument callable: one ``local_update`` (τ chained meta-steps, ``p.idx`` (B, τ, slots, b))."""
     if strategy not in engine_strategies():
         raise Unavailable(f"this engine has no strategy {strategy!r}")
-    if _backend_api():
+    if backend_api():
         be = _backend(p, strategy, chunk)
         meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta)
         cap = "compile" if compiled else "off"

@@ -129,13 +129,18 @@ def interleaved(fns: dict, device, repeats: int, budget_s: float) -> dict:
 
 
 def engine_call(p: common.Problem, strategy: str, chunk: int):
-    """One block call of the engine with ``strategy``; raises common.Unavailable if it cannot run."""
+    """One block call of the engine with ``strategy``; raises common.Unavailable if it cannot run.
+    'compiled' = the default backend through torch.compile: the engine's block call with compile=True,
+    or, where capture applies to whole local rounds (train.compile = "compile"), one captured local step."""
     if strategy == "compiled":
-        import inspect
-        from mpifedmeta import metagrad
+        if common.backend_api():
+            from mpifedmeta import backends
+            be = backends.make(p.model, backends.default_strategy(p.model), chunk)
+            meta = metagrad.MetaSpec(p.nu, ALPHA, p.method, DELTA)
+            idx, mask = p.idx[:, None], p.mask[:, None]
+            return lambda: metagrad.local_update(be, p.params, p.X, p.Y, idx, mask, meta, BETA, capture="compile")
         if "compile" not in inspect.signature(metagrad.block_meta_gradients).parameters:
-            raise common.Unavailable("this engine's block_meta_gradients has no compile option "
-                                     "(capture applies to the whole local round: see the end-to-end row)")
+            raise common.Unavailable("this engine's block_meta_gradients has no compile option")
         return lambda: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, ALPHA,
                                                      p.method, DELTA, "vmap", chunk, compile=True)
     return common.engine_block(p, strategy, chunk, ALPHA, DELTA)
@@ -192,8 +197,8 @@ def measure_e2e(args, device, strategies) -> dict:
         if s == "chunked" and args.chunk >= c["B"]:
             continue
         try:
-            fns[s] = common.engine_local_update(p, "vmap" if s == "compiled" else s, args.chunk, ALPHA, BETA, DELTA,
-                                                compiled=s == "compiled")
+            base_s = (default_strategy() if common.backend_api() else "vmap") if s == "compiled" else s
+            fns[s] = common.engine_local_update(p, base_s, args.chunk, ALPHA, BETA, DELTA, compiled=s == "compiled")
         except common.Unavailable as e:
             notes[s] = str(e)
     # the engine and the baseline must end at the same local models
