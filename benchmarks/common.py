@@ -194,9 +194,9 @@ class Unavailable(Exception):
 def engine_strategies() -> tuple[str, ...]:
     """The engine's backends by name (``train.strategy`` without ``auto``), as this engine defines them."""
     names = getattr(metagrad, "STRATEGIES", None)
-    if names is None:
+    if names is None:                         # older engines listed them in config
         from mpifedmeta import config
-        names = tuple(s for s in config.STRATEGIES if s != "auto")
+        names = tuple(s for s in getattr(config, "STRATEGIES", ("vmap", "chunked", "loop")) if s != "auto")
     return tuple(names)
 
 

@@ -364,11 +364,10 @@ def run_mpifedmeta(a, nu: int, method: str, ranks: int, threads: int, workdir: s
     if run["exit_code"] != 0:
         row["error"] = f"exit {run['exit_code']}: {tail(run)}"
         return row
-    train = io.read_table(out, "train")
-    attrs = io.read_attrs(io.metrics_path(out))
-    row.update(summarize([float(x) for x in train["round_time"]], a.warmup))
-    row["loss_per_round"] = [float(x) for x in train["meta_loss"]]
-    row["strategy"] = str(attrs.get("strategy", "?"))
+    metrics = io.read_run(out)
+    row.update(summarize([float(x) for x in metrics.train["round_time"]], a.warmup))
+    row["loss_per_round"] = [float(x) for x in metrics.train["meta_loss"]]
+    row["strategy"] = str(metrics.attrs.get("strategy", "?"))
     t_line = startup_line_time(run)
     if t_line is not None:
         row["startup_s"] = t_line - run["t_launch"]
@@ -436,7 +435,7 @@ def startup_benchmark(a, workdir: str) -> dict:
             r["error"] = f"exit {run['exit_code']}: {tail(run)}"
         else:
             r["to_round1_start_s"] = t_line - run["t_launch"]
-            r["to_round1_end_s"] = r["to_round1_start_s"] + float(io.read_table(out, "train")["round_time"][0])
+            r["to_round1_end_s"] = r["to_round1_start_s"] + float(io.read_run(out).train["round_time"][0])
         shutil.rmtree(out, ignore_errors=True)
         runs.append(r)
     ok = [r for r in runs if "error" not in r]

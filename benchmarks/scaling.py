@@ -136,16 +136,13 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
     if proc.returncode != 0:
         row["error"] = " | ".join(text.strip().splitlines()[-4:])
         return row
-    import h5py
-    with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
-        rt = f["train/round_time"][:]
-        ar = f["train/allreduce_time"][:]
-        nb = f["train/bytes_allreduced"][:]
-        # per-rank compute time of the round (engines that log it): slowest and fastest rank
-        ct = f["train/compute_time"][:] if "train/compute_time" in f else None
-        ct_min = f["train/compute_time_min"][:] if "train/compute_time_min" in f else None
-        row["strategy_used"] = str(f.attrs.get("strategy", "?"))
-        row["num_params"] = int(f.attrs.get("num_params", 0))
+    from mpifedmeta import io
+    run = io.read_run(out)
+    rt, ar, nb = run.train["round_time"], run.train["allreduce_time"], run.train["bytes_allreduced"]
+    # per-rank compute time of the round (engines that log it): slowest and fastest rank
+    ct, ct_min = run.train.get("compute_time"), run.train.get("compute_time_min")
+    row["strategy_used"] = str(run.attrs.get("strategy", "?"))
+    row["num_params"] = int(run.attrs.get("num_params", 0))
     skip = 1 if len(rt) > 1 else 0                  # the first round pays for warm-up
     rt, ar, nb = rt[skip:], ar[skip:], nb[skip:]
     row.update({"round_time_median_s": float(np.median(rt)), "round_time_s": rt.tolist(),
@@ -250,7 +247,7 @@ def main(argv=None) -> int:
 
     import common
     from mpifedmeta import config as engine_config
-    known = engine_config.STRATEGIES
+    known = ("auto",) + common.engine_strategies()
     if args.strategy is not None and args.strategy not in known:
         ap.error(f"--strategy {args.strategy!r}: this engine has {', '.join(known)}")
     if args.strategy is None:
