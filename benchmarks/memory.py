@@ -94,11 +94,8 @@ def child(args) -> dict:
         def call():
             return base.block_meta_gradients(p.params, p.X, p.Y, p.idx, args.nu, ALPHA, "exact", DELTA)
     else:
-        def call():
-            if args.variant == "unrolled":
-                return metagrad.block_meta_gradients_unrolled(p.loss, p.params, p.X, p.Y, p.idx, p.mask, args.nu, ALPHA)
-            return metagrad.block_meta_gradients(p.engine("vmap"), p.params, p.X, p.Y, p.idx, p.mask,
-                                                 p.meta(args.nu, ALPHA, method, DELTA, args.variant == "recompute"))
+        call = common.engine_block(p, "vmap", alpha=ALPHA, delta=DELTA, unrolled=args.variant == "unrolled",
+                                   recompute=args.variant == "recompute")
 
     out = call()                       # warm-up: one-time allocations (kernels, thread pools, caches)
     del out
