@@ -64,7 +64,7 @@ def round_needs(cfg: Config, ranks: int, num_params: int, sample_numel: int, sam
     t, e = cfg.train, cfg.eval
     agents = cfg.data.num_agents or t.agents_per_round
     per_rank = max(1, min(t.agents_per_round, -(-agents // ranks)))
-    at_once = {"vmap": per_rank, "chunked": min(per_rank, t.chunk)}.get(t.strategy, 1)   # auto: at least 1
+    at_once = {"stacked": per_rank, "vmap": per_rank, "chunked": min(per_rank, t.chunk)}.get(t.strategy, 1)   # auto: at least 1
     batch = t.batch_size if t.batch_size != "full" else max(1, samples // max(1, agents))
     slots = t.nu + 1 if t.metagrad == "fo" else 2 * t.nu + 1
     iterates = 3 if (t.recompute or t.metagrad == "fo") else t.nu + 2
