@@ -135,9 +135,9 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         if strategy == "auto" or (strategy == "stacked" and not backends.has_stacked_form(model)):
             strategy = backends.default_strategy(model)   # "stacked" means vmap for a model without a stacked form
         backend = backends.make(model, strategy, cfg.train.chunk)   # "auto" is resolved by choose_strategy
-        return device, dtype, part, N, H, block, model, backend
+        return device, dtype, part, N, H, block, model, backend, strategy
 
-    device, dtype, part, N, H, block, model, backend = agreed(world, build)
+    device, dtype, part, N, H, block, model, backend, strategy = agreed(world, build)
     num_train = N - H
     if cfg.eval.agents == "all" or cfg.eval.agents >= num_train:
         eval_ids = np.arange(num_train, dtype=np.int64)
