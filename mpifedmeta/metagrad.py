@@ -210,6 +210,11 @@ _compiled: dict = {}
 _compile_failed: dict = {}
 
 
+def compile_fallbacks() -> dict:
+    """Why torch.compile fell back to eager execution, per compiled function (empty if it never did)."""
+    return dict(_compile_failed)
+
+
 def _vmapped_compiled(loss: LossFn, nu: int, alpha: float, method: str, delta: float):
     """torch.compile of the vmapped per-agent meta-gradient (cached per loss and hyper-parameters)."""
     key = (id(loss), nu, alpha, method, delta)

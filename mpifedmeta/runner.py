@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, dist, exactsum, io, metagrad, rng, signals
+from . import __version__, algorithm, chunks, devices, dist, exactsum, io, metagrad, rng, signals
 from .block import build_block
 from .config import Config, ConfigError, from_json
 from .data import DataError, load_dataset, make_partition
@@ -55,13 +55,15 @@ class Setup:
     eval_train_ids: np.ndarray
     holdout_ids: np.ndarray
     spec: algorithm.RoundSpec
+    stage: dist.HostStage            # the reused host buffer of the Allreduces
+    device_map: list                 # every rank's (host, device) record
 
 
 def setup(cfg: Config, world: dist.World) -> Setup:
     """Everything a rank needs before round 1; errors on any rank become one BadInput everywhere."""
     err = None
     try:
-        device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
+        device = dist.choose_device(world, cfg.train.device, cfg.train.threads, cfg.train.allow_tf32)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
         ds = load_dataset(cfg.data.dataset, cfg.data.path)
         part = make_partition(ds, cfg.data.partition, cfg.data.num_agents,
@@ -83,6 +85,11 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     err = dist.first_error(world, err)
     if err:
         raise BadInput(err)
+    records, err, warnings = dist.device_map(world, device)
+    if err:
+        raise BadInput(err)
+    for w in warnings:
+        say(world, f"mpifedmeta: warning: {w}", err=True)
     num_train = N - H
     if cfg.eval.agents == "all" or cfg.eval.agents >= num_train:
         eval_ids = np.arange(num_train, dtype=np.int64)
@@ -92,10 +99,10 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     t = cfg.train
     spec = algorithm.RoundSpec(t.seed, t.local_steps, t.nu, t.alpha, t.beta, t.batch_size, t.metagrad,
                                t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk, t.compile,
-                               t.recompute)
+                               t.recompute, devices.resolve_agent_chunk(t.agent_chunk, device.type))
     setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
                    metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
-                   np.arange(num_train, N, dtype=np.int64), spec)
+                   np.arange(num_train, N, dtype=np.int64), spec, dist.HostStage(device), records)
     model.requires_grad_(False)
     return setup_
 
@@ -114,10 +121,13 @@ def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
         return f"{recorded} (recorded in the checkpoint)"
     blk = s.block
     per_rank = -(-s.cfg.train.agents_per_round // s.world.size)
-    B = max(1, min(per_rank, blk.num_agents))
+    C = s.spec.agent_chunk
+    B = max(1, min(C or per_rank, blk.num_agents))
     ids = torch.arange(blk.lo, blk.lo + B, device=blk.device)
     spec1 = dataclasses.replace(s.spec, local_steps=1)
     idx, mask = algorithm.round_batches(blk, spec1, 0, ids, ids - blk.lo)
+    if C:                                    # time the shape every call will see
+        idx, mask, B = chunks.pad(idx, C), chunks.pad(mask, C, 0.0), C
     stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in params.items()}
 
     def step(cand: str, chunk: int) -> None:
@@ -144,13 +154,14 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     """Personalized metrics of all evaluated agents; the row (on rank 0) for metrics.h5."""
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
-    rows = algorithm.evaluate_block(s.loss, s.logits, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+    rows = algorithm.evaluate_block(s.loss, s.logits, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk,
+                                    s.spec.agent_chunk)
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
         limbs = algorithm.stationarity_block(s.loss, s.block, params, s.num_train, s.cfg.train.nu,
-                                             s.cfg.train.alpha, s.cfg.eval.chunk)
-        total = exactsum.decode(dist.allreduce_tensor(s.world, limbs.reshape(-1)).reshape(2, -1))
+                                             s.cfg.train.alpha, s.cfg.eval.chunk, s.spec.agent_chunk)
+        total = exactsum.decode(s.stage.allreduce(s.world, limbs).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
     if not s.world.is_root:
         return None
@@ -218,6 +229,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
     wall = wall0
     code = EXIT_OK
     r = start_round
+    reported: set = set()
     try:
         while r < R:
             r += 1
@@ -227,9 +239,9 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
             _maybe_inject_failure(world, r)
             stop = 1 if signals.requested() else 0
-            flags = torch.tensor([bad, stop], dtype=torch.int64, device=limbs.device)
             t1 = time.perf_counter()
-            buf = dist.allreduce_tensor(world, torch.cat([limbs.reshape(-1), flags]))
+            # [limbs, divergence count, stop flag]: one device-to-host copy into the reused buffer, one Allreduce
+            buf = s.stage.allreduce(world, torch.cat([limbs.reshape(-1), bad.reshape(1)]), np.array([stop]))
             t_ar = time.perf_counter() - t1
             bad, stop = int(buf[-2]), int(buf[-1])
             if bad:
@@ -257,6 +269,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             if last_eval is not None and is_eval:
                 acc = "  acc@k " + " ".join(f"{100 * a:.1f}" for a in last_eval["train_acc_mean"])
             progress.update(r, R, float(total[d]), round_time, acc)
+            _report_compile_fallback(s, reported)
             if is_ckpt or is_eval:
                 if world.is_root:   # metrics first: a crash in between leaves rows the resume truncates
                     io.append_metrics(out_dir, pending_train, pending_eval)
@@ -283,6 +296,16 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             print(final_table(list(cfg.eval.finetune_steps), last_eval), flush=True)
         print(f"done: {R} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
     return code
+
+
+def _report_compile_fallback(s: Setup, reported: set) -> None:
+    """One line on rank 0 when train.compile fell back to eager execution (the engine records why)."""
+    if not s.spec.compile:
+        return
+    for key, why in metagrad.compile_fallbacks().items():
+        if key not in reported:
+            reported.add(key)
+            say(s.world, f"mpifedmeta: train.compile: torch.compile failed ({why[:160]}); running eagerly", err=True)
 
 
 def _now() -> str:
@@ -339,13 +362,23 @@ def start_new(cfg: Config, world: dist.World) -> int:
 
 
 def _ckpt_attrs(s: Setup, wall: float) -> dict:
-    return {"wall_time": wall, "strategy": s.spec.strategy, "rng": "counter-based: (seed, round, agent, step)"}
+    return {"wall_time": wall, "strategy": s.spec.strategy, "rng": "counter-based: (seed, round, agent, step)",
+            "agent_chunk": s.spec.agent_chunk}
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
             "strategy": s.spec.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
-            "world_size_at_start": s.world.size}
+            "world_size_at_start": s.world.size, **_device_attrs(s)}
+
+
+def _device_attrs(s: Setup) -> dict:
+    """What the results' bits depend on besides the config: device, fixed agent chunk, numerics."""
+    cuda = s.device.type == "cuda"
+    names = sorted({f"{r['name']}" + (f" ({r['sms']} SMs)" if r.get("sms") else "") for r in s.device_map})
+    return {"device": s.device.type, "device_names": "; ".join(names), "agent_chunk": int(s.spec.agent_chunk),
+            "tf32": bool(cuda and s.cfg.train.allow_tf32), "cuda_deterministic": cuda,
+            "cuda_version": str(torch.version.cuda or "")}
 
 
 def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:

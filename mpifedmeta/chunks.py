@@ -1,0 +1,41 @@
+"""Fixed-shape agent chunks (``train.agent_chunk``).
+
+A rank's batched calls (local round, evaluation, stationarity) would otherwise see B = the
+rank's agents, a number that changes with the number of ranks. GPU libraries choose kernels
+(cuBLAS batched GEMM, split-K, cuDNN grouped convolutions) partly by that batch count, so one
+agent's bits could depend on P. With a chunk size C every call sees exactly C agents: the last
+chunk is padded with dummy agents (copies of the chunk's first agent with mask 0) whose results
+are dropped, so they never reach a sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def spans(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of the chunks of ``n`` items; ``size`` 0 = one span of everything (no chunking)."""
+    if n <= 0:
+        return []
+    if size <= 0:
+        return [(0, n)]
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def pad(t: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:
+    """``t`` with dim 0 padded up to ``size`` rows: copies of row 0 (valid indices), or ``fill``."""
+    missing = size - t.shape[0]
+    if missing <= 0:
+        return t
+    if fill is None:
+        extra = t[:1].expand((missing,) + tuple(t.shape[1:]))
+    else:
+        extra = torch.full((missing,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    return torch.cat([t, extra])
+
+
+def pad_to_multiple(t: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:
+    """``t`` padded along dim 0 to a multiple of ``size`` (unchanged when ``size`` is 0)."""
+    if size <= 0 or t.shape[0] % size == 0:
+        return t
+    return pad(t, t.shape[0] + size - t.shape[0] % size, fill)
