@@ -356,8 +356,9 @@ def _tiny_cfg(out_dir, *extra):
 @pytest.mark.mpi
 @pytest.mark.parametrize("extra", [[], ["train.agents_per_round=1"],
                                    ["train.dtype=\"float64\"", "train.weighting=\"samples\"",
-                                    "data.partition=\"dirichlet\"", "train.agents_per_round=2"]],
-                         ids=["cohort5", "cohort1", "float64-samples-dirichlet"])
+                                    "data.partition=\"dirichlet\"", "train.agents_per_round=2"],
+                                   ["train.agent_chunk=2", "eval.stationarity=true"]],
+                         ids=["cohort5", "cohort1", "float64-samples-dirichlet", "agent-chunk-2"])
 def test_inprocess_run_on_world_equals_run_on_self(extra):
     """A run on COMM_WORLD (all ranks) is bit-identical to a run on COMM_SELF by rank 0 alone; with
     agents_per_round=1, every round has ranks that own no sampled agent."""
@@ -384,7 +385,8 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
                     assert ma["train/round"].tolist() == [1, 2, 3]
                     if "train.agents_per_round=1" in extra:
                         assert ma["train/num_sampled"].tolist() == [1, 1, 1]
-                    for name in ("train/meta_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc"):
+                    for name in ("train/meta_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc",
+                                 "eval/train_agent_loss", "eval/grad_norm_sq"):
                         assert arrays_identical(ma[name], mb[name]), name
                     assert checkpoint_rounds(os.path.join(base, "world")) == [0, 2, 3]
             except Exception as e:                                  # reported on every rank below
