@@ -2,12 +2,14 @@
 result depend on how agents are spread over ranks), the device-mapping rules as pure functions,
 the TF32 / agent-chunk config keys, and the reused host buffer of the Allreduce."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
 
-from helpers import TEST_DEVICE
+from helpers import REPO, TEST_DEVICE
 from mpifedmeta import algorithm, chunks, config, devices, dist, runner
 from mpifedmeta.block import build_block
 from mpifedmeta.data import load_dataset
@@ -255,3 +257,31 @@ def test_host_stage_reuses_one_buffer():
     b = stage.allreduce(world, torch.full((4,), 9, dtype=torch.int64))
     assert b.tolist() == [9, 9, 9, 9] and stage.host is buf           # no new allocation
     assert not stage.host.is_pinned()                                  # pinned only for a GPU
+
+
+# --------------------------------------------------------------------------- gpu_check.sh and its comparer
+
+def test_compare_runs_finds_any_differing_bit():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare_runs", os.path.join(REPO, "benchmarks", "compare_runs.py"))
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+    p = {"w": np.arange(4, dtype=np.float32)}
+    t = {"train/meta_loss": np.array([1.0, np.nan])}
+    ref = (3, p, t)
+    assert cr.differences(ref, (3, {"w": p["w"].copy()}, {"train/meta_loss": t["train/meta_loss"].copy()})) == []
+    q = p["w"].copy()
+    q[2] = np.nextafter(q[2], np.float32(9))
+    assert cr.differences(ref, (3, {"w": q}, t))[0].startswith("model/w")
+    assert cr.differences(ref, (3, {"w": p["w"].astype(np.float64)}, t))        # dtype counts
+    assert cr.differences(ref, (3, p, {"train/meta_loss": np.array([1.0, 0.0])})) == ["train/meta_loss"]
+    assert cr.differences(ref, (2, p, t)) == ["final round 3 vs 2"]
+
+
+def test_gpu_check_script_parses_and_checks_its_arguments():
+    import subprocess
+    script = os.path.join(REPO, "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    for args in ([], ["OUT", "--device", "tpu"], ["OUT", "--what"]):
+        proc = subprocess.run(["bash", script] + args, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "usage:" in proc.stderr
