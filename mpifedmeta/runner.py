@@ -230,6 +230,9 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
     code = EXIT_OK
     r = start_round
     reported: set = set()
+    if s.spec.compile:        # the engine's multi-line warning on every rank → one line on rank 0 (below)
+        import warnings
+        warnings.filterwarnings("ignore", message="train.compile: torch.compile failed")
     try:
         while r < R:
             r += 1
