@@ -308,7 +308,7 @@ def _report_compile_fallback(s: Setup, reported: set) -> None:
     for key, why in metagrad.compile_fallbacks().items():
         if key not in reported:
             reported.add(key)
-            say(s.world, f"mpifedmeta: train.compile: torch.compile failed ({why[:160]}); running eagerly", err=True)
+            say(s.world, f"mpifedmeta: train.compile: torch.compile failed ({(why.splitlines() or [''])[0][:160]}); running eagerly", err=True)
 
 
 def _now() -> str:

@@ -71,10 +71,11 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("model_name", ["linear", "mlp", "cnn"])
 @pytest.mark.parametrize("method", ["exact", "fo", "hf"])
-def test_flavour_on_gpu_matches_cpu_float64_reference(gpu, model_name, method):
+def test_flavour_on_gpu_matches_cpu_float64_reference(gpu, model_name, method, monkeypatch):
     devices.set_tf32(False)
     if gpu.type == "cuda":
-        devices.set_deterministic_cuda()
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     model, stacked, X, Y, idx, mask = _problem(model_name)
     ref = _reference(model, stacked, X, Y, idx, mask, method)
     err64 = _rel(_on(gpu, torch.float64, model, stacked, X, Y, idx, mask, method), ref)

@@ -285,3 +285,15 @@ def test_gpu_check_script_parses_and_checks_its_arguments():
     for args in ([], ["OUT", "--device", "tpu"], ["OUT", "--what"]):
         proc = subprocess.run(["bash", script] + args, capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_compile_fallback_reported_once_by_rank_0(monkeypatch, capsys):
+    from types import SimpleNamespace
+    from mpifedmeta import metagrad
+    monkeypatch.setattr(metagrad, "_compile_failed", {("k",): "Tensor device mismatch\n(more)"})
+    reported = set()
+    for is_root in (True, True, False):
+        s = SimpleNamespace(spec=SimpleNamespace(compile=True), world=SimpleNamespace(is_root=is_root))
+        runner._report_compile_fallback(s, reported if is_root else set())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch.compile failed (Tensor device mismatch" in err[0] and "running eagerly" in err[0]
