@@ -1,19 +1,21 @@
 """One round of the ν-step FedAvg variant and the personalized evaluation, for one block of agents.
 
-No MPI here: a round returns the block's exactly-summed contribution (int64 limbs) which the
-caller adds over ranks with one Allreduce; evaluation returns per-agent rows the caller gathers.
+A round is :func:`local_round` on every rank (the block's exactly-summed contribution as int64
+limbs) followed by :func:`aggregate`, the server step (one Allreduce through dist, decode, new
+global model). Evaluation returns per-agent rows the caller gathers.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import chunks, exactsum, metagrad, rng
+from . import chunks, dist, exactsum, metagrad, rng
 from .block import AgentBlock, padded_rows
-from .models import flatten
+from .models import flatten, unflatten
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,30 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
     terms = p.unsqueeze(1) * torch.cat([flat.to(torch.float64),
                                         losses.to(torch.float64).mean(dim=1, keepdim=True)], dim=1)
     return exactsum.encode_sum(terms), exactsum.count_out_of_range(terms)
+
+
+def aggregate(world: dist.World, stage: dist.HostStage, limbs: torch.Tensor, bad: torch.Tensor,
+              flags: list[int], like: dict) -> tuple[dict | None, float, list[int], dict]:
+    """The FedAvg server step: one SUM Allreduce of [this rank's limbs, ``bad``, ``flags``], then decode.
+
+    ``bad`` (0-dim device tensor) counts this rank's out-of-range terms (from :func:`local_round`);
+    ``flags`` are host ints (e.g. a stop request) summed alongside. The device values reach the
+    host in one copy into ``stage``'s reused buffer. Returns (new global parameters shaped, typed
+    and placed like ``like`` — None when any rank had out-of-range terms —, the weighted mean
+    meta-loss (nan then), the summed [bad, *flags], {"allreduce_time", "bytes_allreduced"}).
+    """
+    t0 = time.perf_counter()
+    buf = stage.allreduce(world, torch.cat([limbs.reshape(-1), bad.reshape(1).to(torch.int64)]),
+                          np.asarray(flags, dtype=np.int64))
+    timings = {"allreduce_time": time.perf_counter() - t0, "bytes_allreduced": buf.nbytes}
+    n = 1 + len(flags)
+    summed = [int(v) for v in buf[-n:]]
+    if summed[0]:
+        return None, float("nan"), summed, timings
+    total = exactsum.decode(buf[:-n].reshape(2, -1))
+    first = next(iter(like.values()))
+    flat = torch.as_tensor(total[:-1], dtype=first.dtype, device=first.device)   # one host-to-device copy
+    return unflatten(flat, like), float(total[-1]), summed, timings
 
 
 def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,

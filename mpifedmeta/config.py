@@ -6,6 +6,7 @@ Every problem is reported as one line naming the key; the CLI exits with code 2.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,13 +15,6 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-
-DATASETS = ("digits", "mnist5k", "fashion-mnist", "npz")
-PARTITIONS = ("shards", "dirichlet", "iid", "natural")
-MODELS = ("linear", "mlp", "cnn")
-METAGRADS = ("exact", "fo", "hf")
-STRATEGIES = ("auto", "vmap", "chunked", "loop")
-
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
@@ -31,7 +25,27 @@ class Key:
     default: object
     types: tuple
     check: object = None      # callable(value) -> error text or None
-    doc: str = ""
+    doc: str = ""             # "{choices}" is replaced by the registered names (see Registered)
+    resumable: bool = False   # may change when a run is resumed (bookkeeping, never the results)
+    experiment: bool = True   # defines the experiment: the report groups runs that differ only in the others
+
+
+class Registered:
+    """Check that a value names an entry of a registry (e.g. ``models.MODELS``), plus ``extra`` names.
+
+    The registry is read at validation time, so a new registration needs no edit here and
+    ``import mpifedmeta.config`` stays free of torch.
+    """
+
+    def __init__(self, module: str, registry: str, extra: tuple[str, ...] = ()):
+        self.module, self.registry, self.extra = module, registry, extra
+
+    def names(self) -> tuple[str, ...]:
+        return self.extra + tuple(getattr(importlib.import_module(self.module, __package__), self.registry))
+
+    def __call__(self, value) -> str | None:
+        names = self.names()
+        return None if value in names else f"must be one of {', '.join(names)}"
 
 
 def _one_of(choices):
@@ -78,56 +92,59 @@ def _agents(v):
     return None if v > 0 else 'must be "all" or a positive integer'
 
 
+# How a run is executed, not what it computes: may change on resume, not part of the experiment.
+_RUN_ONLY = {"resumable": True, "experiment": False}
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "dataset": Key("digits", (str,), _one_of(DATASETS), "digits | mnist5k | fashion-mnist | npz"),
+        "dataset": Key("digits", (str,), Registered(".data", "LOADERS"), "{choices}"),
         "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
         "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
         "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
-        "partition": Key("shards", (str,), _one_of(PARTITIONS), "shards | dirichlet | iid | natural"),
+        "partition": Key("shards", (str,), Registered(".data", "SCHEMES"), "{choices}"),
         "classes_per_agent": Key(2, (int,), _positive, "classes per agent for shards"),
         "dirichlet_alpha": Key(0.5, (float, int), _positive, "concentration of the Dirichlet label skew"),
         "test_fraction": Key(0.2, (float,), _fraction, "share of each agent's samples held out for evaluation"),
     },
     "model": {
-        "name": Key("mlp", (str,), _one_of(MODELS), "linear | mlp | cnn"),
+        "name": Key("mlp", (str,), Registered(".models", "MODELS"), "{choices}"),
         "hidden": Key([80, 60], (list,), _hidden, "hidden widths (mlp), fully connected widths (cnn)"),
     },
     "train": {
-        "rounds": Key(100, (int,), _non_negative, "communication rounds in total"),
+        "rounds": Key(100, (int,), _non_negative, "communication rounds in total", resumable=True),
         "agents_per_round": Key(10, (int,), _positive, "agents sampled per round (the cohort)"),
         "local_steps": Key(10, (int,), _positive, "τ: local meta-steps per round"),
         "nu": Key(1, (int,), _non_negative, "ν: fine-tuning steps inside the meta-objective (0 = FedAvg)"),
         "alpha": Key(0.01, (float, int), _positive, "α: fine-tuning step size"),
         "beta": Key(0.001, (float, int), _positive, "β: meta step size"),
         "batch_size": Key(32, (int, str), _batch, 'samples per batch, or "full" (each agent\'s whole training split)'),
-        "metagrad": Key("exact", (str,), _one_of(METAGRADS), "exact | fo | hf"),
+        "metagrad": Key("exact", (str,), Registered(".metagrad", "METHODS"), "{choices}"),
         "hf_delta": Key(1e-3, (float,), _positive, "δ of the Hessian-free finite difference"),
         "weighting": Key("uniform", (str,), _one_of(("uniform", "samples")), "uniform | samples: weights of the average"),
-        "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches"),
+        "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches", experiment=False),
         "dtype": Key("float32", (str,), _one_of(("float32", "float64")), "float32 | float64"),
-        "strategy": Key("vmap", (str,), _one_of(STRATEGIES), "vmap | chunked | loop | auto (time each at start-up, keep the fastest within memory_budget)"),
-        "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked"),
-        "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)"),
-        "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)"),
-        "compile": Key(False, (bool,), None, "run the vmap strategies through torch.compile (falls back to eager where it fails)"),
-        "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU"),
-        "agent_chunk": Key("auto", (int, str), _agent_chunk, 'agents per batched call, the last chunk padded with dummy agents, so that kernel shapes do not depend on the number of ranks (0 = off: one call per block; "auto" = 32 on CUDA, 0 on CPU)'),
+        "strategy": Key("vmap", (str,), Registered(".metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
+        "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked", **_RUN_ONLY),
+        "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)", **_RUN_ONLY),
+        "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),
+        "compile": Key(False, (bool,), None, "run the vmap strategies through torch.compile (falls back to eager where it fails)", **_RUN_ONLY),
+        "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU", **_RUN_ONLY),
+        "agent_chunk": Key("auto", (int, str), _agent_chunk, 'agents per batched call, the last chunk padded with dummy agents, so that kernel shapes do not depend on the number of ranks (0 = off: one call per block; "auto" = 32 on CUDA, 0 on CPU)', **_RUN_ONLY),
         "allow_tf32": Key(False, (bool,), None, "let CUDA float32 matmuls and cuDNN convolutions use TF32 (~1e-3 relative error; not allowed with metagrad = hf in float32)"),
-        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)"),
+        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)", **_RUN_ONLY),
     },
     "eval": {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),
         "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
         "agents": Key("all", (int, str), _agents, 'training agents evaluated: "all" or a fixed random subset of this size'),
-        "chunk": Key(256, (int,), _positive, "agents per batched evaluation call"),
+        "chunk": Key(256, (int,), _positive, "agents per batched evaluation call", **_RUN_ONLY),
         "stationarity": Key(False, (bool,), None, "also compute F(w) and ||grad F(w)||^2 on full local data, exact meta-gradient (costly)"),
     },
     "output": {
-        "dir": Key("runs/default", (str,), None, "output directory"),
-        "checkpoint_every": Key(10, (int,), _positive, "checkpoint every this many rounds (and round 0 and the end)"),
-        "keep": Key(3, (int,), _positive, "checkpoints kept besides round 0"),
-        "progress_every": Key(0, (int,), _non_negative, "print a progress line every this many rounds in batch jobs (0 = about 20 lines a run)"),
+        "dir": Key("runs/default", (str,), None, "output directory", **_RUN_ONLY),
+        "checkpoint_every": Key(10, (int,), _positive, "checkpoint every this many rounds (and round 0 and the end)", **_RUN_ONLY),
+        "keep": Key(3, (int,), _positive, "checkpoints kept besides round 0", **_RUN_ONLY),
+        "progress_every": Key(0, (int,), _non_negative, "print a progress line every this many rounds in batch jobs (0 = about 20 lines a run)", **_RUN_ONLY),
     },
 }
 
@@ -266,12 +283,24 @@ def from_json(text: str) -> Config:
     return validate(json.loads(text))
 
 
+def keys_where(flag: str, value: bool = True) -> dict[str, tuple[str, ...]]:
+    """Section → the keys whose ``flag`` ("resumable" or "experiment") equals ``value``."""
+    return {sec: tuple(k for k, key in keys.items() if getattr(key, flag) == value) for sec, keys in SCHEMA.items()}
+
+
+def key_doc(key: Key) -> str:
+    """The key's meaning, with the registered names filled in."""
+    if isinstance(key.check, Registered):
+        return key.doc.format(choices=" | ".join(key.check.names()))
+    return key.doc
+
+
 def describe() -> str:
     """All keys with defaults and meaning, for `mpifedmeta config` and the README."""
     lines = []
     for sec, keys in SCHEMA.items():
         lines.append(f"[{sec}]")
         for k, key in keys.items():
-            lines.append(f"{k} = {json.dumps(key.default)}    # {key.doc}")
+            lines.append(f"{k} = {json.dumps(key.default)}    # {key_doc(key)}")
         lines.append("")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import __version__, dist
+from . import __version__, dist, io
 
 
 def rank_line(world: dist.World, device: torch.device, record: dict) -> str:
@@ -33,15 +33,12 @@ def print_info(world: dist.World) -> int:
         err = str(e)
     err = dist.first_error(world, err)
     records, map_err, warnings = dist.device_map(world, device)
-    line = rank_line(world, device, records[world.rank])
-    lines = world.comm.gather(line, root=0) if world.size > 1 else [line]
+    lines = dist.allgather(world, rank_line(world, device, records[world.rank]))
     if not world.is_root:
         return 2 if (err or map_err) else 0
-    import h5py
-    import mpi4py
     import numpy
     print(f"mpifedmeta {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
-          f"numpy {numpy.__version__}  h5py {h5py.__version__}  mpi4py {mpi4py.__version__}")
+          f"numpy {numpy.__version__}  h5py {io.h5py_version()}  mpi4py {dist.mpi4py_version()}")
     print(f"MPI: {dist.mpi_library()}")
     cuda = f"CUDA {torch.version.cuda}, " if torch.version.cuda else ""
     print(f"ranks: {world.size}   CUDA available: {torch.cuda.is_available()} "

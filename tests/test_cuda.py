@@ -13,12 +13,11 @@
 import copy
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from helpers import (assert_models_identical, arrays_identical, cli_env, describe, final_model, read_metrics,
-                     run_cli, sets, write_tiny_config)
+                     sets, write_tiny_config)
 from mpifedmeta import devices, metagrad
 from mpifedmeta.models import build_model, param_dict
 
