@@ -23,16 +23,10 @@ class RoundSpec:
     """The training hyper-parameters a round needs (plain values, no config object)."""
     seed: int
     local_steps: int
-    nu: int
-    alpha: float
     beta: float
     batch_size: int | str
-    method: str
-    delta: float
-    strategy: str
-    chunk: int
-    compile: bool = False
-    recompute: bool = False
+    meta: metagrad.MetaSpec
+    capture: str = "off"        # whole-local-round capture: off | compile | cudagraphs
     agent_chunk: int = 0        # agents per batched call, last chunk padded (0 = the whole block at once)
 
 
@@ -50,20 +44,21 @@ def round_batches(block: AgentBlock, spec: RoundSpec, round_: int, ids: torch.Te
         idx, mask = padded_rows(block.train_offset, block.train_count, positions, block.train_width)
         shape = (idx.shape[0], tau, 1, idx.shape[1])
         return idx[:, None, None, :].expand(shape), mask[:, None, None, :].expand(shape).to(block.X_train.dtype)
-    slots = metagrad.num_slots(spec.nu, spec.method)
+    slots = metagrad.num_slots(spec.meta.nu, spec.meta.method)
     pos = rng.batch_indices(spec.seed, round_, ids, block.train_count[positions], tau, slots, spec.batch_size)
     idx = block.train_offset[positions].view(-1, 1, 1, 1) + pos
     return idx, torch.ones(idx.shape, dtype=block.X_train.dtype, device=idx.device)
 
 
-def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, round_: int,
+def local_round(backend, block: AgentBlock, global_params: dict, spec: RoundSpec, round_: int,
                 cohort: np.ndarray, weights: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the τ local meta-steps of this block's sampled agents; return their weighted sum.
 
     Returns (int64 limbs (2, d + 1) = exact Σ_i p_i·[θ_i, mean_t meta-loss_i], 0-dim int64 count of
     terms out of the representable range), both on the block's device (no host synchronisation).
     Agents of other blocks contribute nothing. With ``spec.agent_chunk`` = C > 0 the agents go
-    through the engine in chunks of exactly C (the last one padded with dummy agents, dropped).
+    through the backend in chunks of exactly C (the last one padded with dummy agents, dropped),
+    so that every call has the same shape whatever the number of ranks.
     """
     mine = (cohort >= block.lo) & (cohort < block.hi)
     d = sum(p.numel() for p in global_params.values())
@@ -82,9 +77,8 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
         i, m = (chunks.pad(idx[a:b], C), chunks.pad(mask[a:b], C, 0.0)) if C else (idx[a:b], mask[a:b])
         n = i.shape[0]
         stacked = {k: v.unsqueeze(0).expand((n,) + v.shape).clone() for k, v in global_params.items()}
-        params, loss_c = metagrad.local_update(loss, stacked, block.X_train, block.Y_train, i, m,
-                                               spec.nu, spec.alpha, spec.beta, spec.method, spec.delta,
-                                               spec.strategy, spec.chunk, spec.compile, spec.recompute)
+        params, loss_c = metagrad.local_update(backend, stacked, block.X_train, block.Y_train, i, m,
+                                               spec.meta, spec.beta, spec.capture)
         flat.append(flatten(params, batch_dims=1)[:b - a])
         losses.append(loss_c[:b - a])
     flat, losses = (flat[0], losses[0]) if len(flat) == 1 else (torch.cat(flat), torch.cat(losses))
@@ -117,7 +111,7 @@ def aggregate(world: dist.World, stage: dist.HostStage, limbs: torch.Tensor, bad
     return unflatten(flat, like), float(total[-1]), summed, timings
 
 
-def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,
+def evaluate_block(backend, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,
                    ks: list[int], alpha: float, chunk: int, agent_chunk: int = 0) -> np.ndarray:
     """Personalized test loss/accuracy of this block's agents among ``agent_ids``.
 
@@ -136,15 +130,16 @@ def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agen
         tr_mask, te_mask = chunks.pad_to_multiple(tr_mask, agent_chunk, 0), chunks.pad_to_multiple(te_mask, agent_chunk, 0)
         chunk = agent_chunk
     dt = block.X_train.dtype
-    losses, accs = metagrad.personalized_metrics(loss, logits_fn, global_params, block.X_train, block.Y_train,
-                                                 tr_idx, tr_mask.to(dt), block.X_test, block.Y_test, te_idx,
-                                                 te_mask.to(dt), ks, alpha, chunk)
+    losses, accs = metagrad.personalized_metrics(backend, global_params,
+                                                 metagrad.Split(block.X_train, block.Y_train, tr_idx, tr_mask.to(dt)),
+                                                 metagrad.Split(block.X_test, block.Y_test, te_idx, te_mask.to(dt)),
+                                                 ks, alpha, chunk)
     n = len(mine)
     return np.concatenate([mine[:, None].astype(np.float64), losses[:n].double().cpu().numpy(),
                            accs[:n].double().cpu().numpy()], axis=1)
 
 
-def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: int, nu: int, alpha: float,
+def stationarity_block(backend, block: AgentBlock, global_params: dict, num_train: int, nu: int, alpha: float,
                        chunk: int, agent_chunk: int = 0) -> torch.Tensor:
     """The block's exact share of [∇F(w), F(w)] with F = (1/N) Σ_i f_i(θ_i^ν) over the N training
     agents, full local training data, exact meta-gradient. Returns int64 limbs (2, d + 1).
@@ -161,8 +156,9 @@ def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: 
             idx, mask = chunks.pad(idx, agent_chunk), chunks.pad(mask, agent_chunk, 0)
         B = idx.shape[0]
         stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
-        g, value = metagrad.block_meta_gradients(loss, stacked, block.X_train, block.Y_train, idx[:, None, :],
-                                                 mask[:, None, :].to(block.X_train.dtype), nu, alpha, "exact")
+        g, value = metagrad.block_meta_gradients(backend, stacked, block.X_train, block.Y_train, idx[:, None, :],
+                                                 mask[:, None, :].to(block.X_train.dtype),
+                                                 metagrad.MetaSpec(nu, alpha, "exact"))
         terms = torch.cat([flatten(g, batch_dims=1)[:n].to(torch.float64), value[:n].to(torch.float64)[:, None]], dim=1)
         total += exactsum.encode_sum(terms / num_train)
     return total

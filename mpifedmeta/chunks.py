@@ -23,15 +23,24 @@ def spans(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def pad(t: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:
-    """``t`` with dim 0 padded up to ``size`` rows: copies of row 0 (valid indices), or ``fill``."""
+    """``t`` with dim 0 padded up to ``size`` rows: copies of row 0 (valid indices), or ``fill``.
+
+    Broadcast dimensions (stride 0, e.g. the same full batch in every local step) stay broadcast,
+    so the engine still sees them as "the same rows every step"."""
     missing = size - t.shape[0]
     if missing <= 0:
         return t
+    shape = tuple(t.shape)
+    base = t
+    for d in range(1, t.dim()):
+        if t.stride(d) == 0 and shape[d] > 1:
+            base = base.narrow(d, 0, 1)
+    rest = tuple(base.shape[1:])
     if fill is None:
-        extra = t[:1].expand((missing,) + tuple(t.shape[1:]))
+        extra = base[:1].expand((missing,) + rest)
     else:
-        extra = torch.full((missing,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)
-    return torch.cat([t, extra])
+        extra = torch.full((missing,) + rest, fill, dtype=t.dtype, device=t.device)
+    return torch.cat([base, extra]).expand((size,) + shape[1:])
 
 
 def pad_to_multiple(t: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:

@@ -16,6 +16,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+CAPTURES = ("off", "compile", "cudagraphs")   # train.compile as a string (booleans: off / compile)
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
@@ -80,6 +83,10 @@ def _hidden(v):
     return None if all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v) else "must be a list of positive integers"
 
 
+def _capture(v):
+    return None if isinstance(v, bool) or v in CAPTURES else f"must be true, false or one of {', '.join(CAPTURES)}"
+
+
 def _agent_chunk(v):
     if isinstance(v, str):
         return None if v == "auto" else 'must be "auto" or an integer >= 0'
@@ -123,11 +130,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "weighting": Key("uniform", (str,), _one_of(("uniform", "samples")), "uniform | samples: weights of the average"),
         "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches", experiment=False),
         "dtype": Key("float32", (str,), _one_of(("float32", "float64")), "float32 | float64"),
-        "strategy": Key("vmap", (str,), Registered(".metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
+        "strategy": Key("stacked", (str,), Registered(".metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
         "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked", **_RUN_ONLY),
         "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)", **_RUN_ONLY),
         "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),
-        "compile": Key(False, (bool,), None, "run the vmap strategies through torch.compile (falls back to eager where it fails)", **_RUN_ONLY),
+        "compile": Key(False, (bool, str), _capture, 'capture the whole local round: false/"off", true/"compile" (torch.compile), "cudagraphs" (CUDA only); eager fallback with a notice', **_RUN_ONLY),
         "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU", **_RUN_ONLY),
         "agent_chunk": Key("auto", (int, str), _agent_chunk, 'agents per batched call, the last chunk padded with dummy agents, so that kernel shapes do not depend on the number of ranks (0 = off: one call per block; "auto" = 32 on CUDA, 0 on CPU)', **_RUN_ONLY),
         "allow_tf32": Key(False, (bool,), None, "let CUDA float32 matmuls and cuDNN convolutions use TF32 (~1e-3 relative error; not allowed with metagrad = hf in float32)"),

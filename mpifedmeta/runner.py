@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, chunks, devices, dist, exactsum, io, metagrad, rng, signals
+from . import __version__, algorithm, backends, capture, devices, dist, exactsum, io, metagrad, rng, signals
 from .block import build_block
 from .config import Config, ConfigError, from_json, keys_where
 from .console import Progress, final_table, say
@@ -49,8 +49,10 @@ class Setup:
     eval_train_ids: np.ndarray
     holdout_ids: np.ndarray
     spec: algorithm.RoundSpec
-    stage: dist.HostStage            # the reused host buffer of the Allreduces
-    device_map: list                 # every rank's (host, device) record
+    backend: object = None       # mpifedmeta.backends; train.strategy = "auto" is resolved by choose_strategy
+    strategy: str = ""
+    stage: dist.HostStage = None     # the reused host buffer of the Allreduces
+    device_map: list = None          # every rank's (host, device) record
 
 
 def setup(cfg: Config, world: dist.World) -> Setup:
@@ -74,6 +76,10 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         block = build_block(ds.x, ds.y, part, lo, hi, device, dtype)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden).to(dtype)
+        strategy = cfg.train.strategy
+        if strategy == "auto" or (strategy == "stacked" and not backends.has_stacked_form(model)):
+            strategy = backends.default_strategy(model)   # "stacked" means vmap for a model without a stacked form
+        backend = backends.make(model, strategy, cfg.train.chunk)   # "auto" is resolved by choose_strategy
     except (ConfigError, DataError, dist.LaunchError, ValueError, OSError) as e:
         err = str(e).splitlines()[0] if str(e) else type(e).__name__
     err = dist.first_error(world, err)
@@ -91,53 +97,31 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         eval_ids = np.sort(np.random.default_rng([rng.EVAL_AGENTS, cfg.train.seed]).choice(
             num_train, cfg.eval.agents, replace=False)).astype(np.int64)
     t = cfg.train
-    spec = algorithm.RoundSpec(t.seed, t.local_steps, t.nu, t.alpha, t.beta, t.batch_size, t.metagrad,
-                               t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk, t.compile,
-                               t.recompute, devices.resolve_agent_chunk(t.agent_chunk, device.type))
+    spec = algorithm.RoundSpec(t.seed, t.local_steps, t.beta, t.batch_size,
+                               metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
+                               metagrad.capture_mode(t.compile), devices.resolve_agent_chunk(t.agent_chunk, device.type))
     setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
                    metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
-                   np.arange(num_train, N, dtype=np.int64), spec, dist.HostStage(device), records)
+                   np.arange(num_train, N, dtype=np.int64), spec, backend, strategy, dist.HostStage(device), records)
     model.requires_grad_(False)
+    capture.ANNOUNCE = world.is_root          # train.compile's fallback notice: one line, rank 0
     return setup_
 
 
 def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
-    """Resolve train.strategy = "auto": reuse the choice recorded in the checkpoint when resuming
-    (so a resumed run continues bit-for-bit), else time the candidates on every rank and let all
-    ranks agree on the one whose slowest rank is fastest. Returns a one-line description."""
-    import dataclasses
+    """Resolve train.strategy (see mpifedmeta.strategy) and build the backend; returns a one-line
+    description of the choice."""
     from . import strategy as strat
 
-    if s.cfg.train.strategy != "auto":
-        return s.spec.strategy
-    if recorded:
-        s.spec = dataclasses.replace(s.spec, strategy=recorded)
-        return f"{recorded} (recorded in the checkpoint)"
-    blk = s.block
-    per_rank = -(-s.cfg.train.agents_per_round // s.world.size)
-    C = s.spec.agent_chunk
-    B = max(1, min(C or per_rank, blk.num_agents))
-    ids = torch.arange(blk.lo, blk.lo + B, device=blk.device)
-    spec1 = dataclasses.replace(s.spec, local_steps=1)
-    idx, mask = algorithm.round_batches(blk, spec1, 0, ids, ids - blk.lo)
-    if C:                                    # time the shape every call will see
-        idx, mask, B = chunks.pad(idx, C), chunks.pad(mask, C, 0.0), C
-    stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in params.items()}
-
-    def step(cand: str, chunk: int) -> None:
-        metagrad.block_meta_gradients(s.loss, stacked, blk.X_train, blk.Y_train, idx[:, 0], mask[:, 0],
-                                      s.spec.nu, s.spec.alpha, s.spec.method, s.spec.delta, cand, chunk)
-
-    mine = strat.measure(step, s.device, s.cfg.train.chunk, B, s.cfg.train.memory_budget)
-    every = dist.allgather(s.world, (mine.seconds, mine.skipped))
-    usable = [c for c in strat.CANDIDATES if all(c in sec for sec, _ in every)]
-    if not usable:
-        raise BadInput(f"no execution strategy fits train.memory_budget = {s.cfg.train.memory_budget} MB "
-                       f"({'; '.join(f'{c}: {w}' for c, w in mine.skipped.items())})")
-    best = strat.pick({c: max(sec[c] for sec, _ in every) for c in usable})
-    s.spec = dataclasses.replace(s.spec, strategy=best)
-    mine.strategy = best
-    return f"auto -> {mine.describe()}"
+    t = s.cfg.train
+    per_rank = s.spec.agent_chunk or -(-t.agents_per_round // s.world.size)   # the block size the calls will see
+    try:
+        name, desc = strat.choose(t.strategy, s.model, s.block, params, s.spec, per_rank, t.chunk,
+                                  t.memory_budget, recorded, lambda mine: dist.allgather(s.world, mine))
+        s.backend, s.strategy = backends.make(s.model, name, t.chunk), name
+    except (strat.NoStrategyFits, ValueError) as e:
+        raise BadInput(str(e)) from None
+    return desc
 
 
 def initial_params(s: Setup) -> dict[str, torch.Tensor]:
@@ -148,12 +132,12 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     """Personalized metrics of all evaluated agents; the row (on rank 0) for metrics.h5."""
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
-    rows = algorithm.evaluate_block(s.loss, s.logits, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk,
+    rows = algorithm.evaluate_block(s.backend, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk,
                                     s.spec.agent_chunk)
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
-        limbs = algorithm.stationarity_block(s.loss, s.block, params, s.num_train, s.cfg.train.nu,
+        limbs = algorithm.stationarity_block(s.backend, s.block, params, s.num_train, s.cfg.train.nu,
                                              s.cfg.train.alpha, s.cfg.eval.chunk, s.spec.agent_chunk)
         total = exactsum.decode(s.stage.allreduce(s.world, limbs).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
@@ -198,10 +182,16 @@ def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int,
     """Local round on every rank, then the server step; (params, meta-loss, bad terms, stop, timings)."""
     cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, s.cfg.train.agents_per_round)
     weights = algorithm.aggregation_weights(cohort, s.train_counts, s.cfg.train.weighting)
-    limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
+    tc = time.perf_counter()
+    limbs, bad = algorithm.local_round(s.backend, s.block, params, s.spec, r, cohort, weights)
+    if limbs.is_cuda:
+        torch.cuda.synchronize(limbs.device)
+    t_compute = time.perf_counter() - tc
     _maybe_inject_failure(s.world, r)
     stop = 1 if signals.requested() else 0
     new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, s.stage, limbs, bad, [stop], params)
+    # every rank's compute time, max and min: load imbalance told apart from communication
+    timings["compute_time"], timings["compute_time_min"] = dist.max_min(s.world, t_compute)
     return new_params, meta_loss, bad, stop, timings
 
 
@@ -243,10 +233,6 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
     metrics = _MetricsBuffer(s.world, out_dir)
     progress = Progress(s.world, start_round, R, cfg.output.progress_every)
     last_eval, wall, code = None, wall0, EXIT_OK
-    reported: set = set()
-    if s.spec.compile:        # the engine's multi-line warning on every rank → one line on rank 0 (below)
-        import warnings
-        warnings.filterwarnings("ignore", message="train.compile: torch.compile failed")
     try:
         for r in range(start_round + 1, R + 1):
             t0 = time.perf_counter()
@@ -265,7 +251,6 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
                 if s.world.is_root:
                     metrics.eval.append(last_eval)
             progress.update(r, R, meta_loss, round_time, last_eval if evaluated else None)
-            _report_compile_fallback(s, reported)
             checkpointed = _due(r, cfg.output.checkpoint_every, R) or bool(stop)
             if checkpointed or evaluated:
                 metrics.flush()     # metrics first: a crash in between leaves rows the resume truncates
@@ -280,17 +265,6 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
     if code == EXIT_OK:
         _finish(s, out_dir, last_eval, wall)
     return code
-
-
-def _report_compile_fallback(s: Setup, reported: set) -> None:
-    """One line on rank 0 when train.compile fell back to eager execution (the engine records why)."""
-    if not s.spec.compile:
-        return
-    for key, why in metagrad.compile_fallbacks().items():
-        if key not in reported:
-            reported.add(key)
-            say(s.world, f"mpifedmeta: train.compile: torch.compile failed ({(why.splitlines() or [''])[0][:160]}); "
-                         "running eagerly", err=True)
 
 
 def _now() -> str:
@@ -347,13 +321,13 @@ def start_new(cfg: Config, world: dist.World) -> int:
 
 
 def _ckpt_attrs(s: Setup, wall: float) -> dict:
-    return {"wall_time": wall, "strategy": s.spec.strategy, "rng": "counter-based: (seed, round, agent, step)",
+    return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)",
             "agent_chunk": s.spec.agent_chunk}
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
-            "strategy": s.spec.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
+            "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
             "world_size_at_start": s.world.size, **_device_attrs(s)}
 
 

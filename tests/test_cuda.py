@@ -18,7 +18,7 @@ import torch
 
 from helpers import (assert_models_identical, arrays_identical, cli_env, describe, final_model, read_metrics,
                      sets, write_tiny_config)
-from mpifedmeta import devices, metagrad
+from mpifedmeta import backends, devices, metagrad
 from mpifedmeta.models import build_model, param_dict
 
 pytestmark = pytest.mark.cuda
@@ -54,13 +54,12 @@ def _reference(model, stacked, X, Y, idx, mask, method):
     return torch.stack(out)
 
 
-def _on(device, dtype, model, stacked, X, Y, idx, mask, method):
-    """The engine's batched (vmap) meta-gradients on ``device`` in ``dtype`` (parameters passed explicitly)."""
+def _on(device, dtype, model, stacked, X, Y, idx, mask, method, strategy):
+    """The engine's batched meta-gradients (backend ``strategy``) on ``device`` in ``dtype``."""
     m = copy.deepcopy(model).to(device=device, dtype=dtype)
-    loss = metagrad.make_loss(m)
-    g, _ = metagrad.block_meta_gradients(loss, {k: v.to(device, dtype) for k, v in stacked.items()},
+    g, _ = metagrad.block_meta_gradients(backends.make(m, strategy), {k: v.to(device, dtype) for k, v in stacked.items()},
                                          X.to(device, dtype), Y.to(device), idx.to(device), mask.to(device, dtype),
-                                         NU, ALPHA, method, DELTA, "vmap")
+                                         metagrad.MetaSpec(NU, ALPHA, method, DELTA))
     return torch.cat([t.reshape(B, -1) for t in g.values()], dim=1).double().cpu()
 
 
@@ -70,22 +69,24 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("model_name", ["linear", "mlp", "cnn"])
 @pytest.mark.parametrize("method", ["exact", "fo", "hf"])
-def test_flavour_on_gpu_matches_cpu_float64_reference(gpu, model_name, method, monkeypatch):
+@pytest.mark.parametrize("strategy", ["default", "vmap"])
+def test_flavour_on_gpu_matches_cpu_float64_reference(gpu, model_name, method, strategy, monkeypatch):
     devices.set_tf32(False)
     if gpu.type == "cuda":
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     model, stacked, X, Y, idx, mask = _problem(model_name)
     ref = _reference(model, stacked, X, Y, idx, mask, method)
-    err64 = _rel(_on(gpu, torch.float64, model, stacked, X, Y, idx, mask, method), ref)
-    assert err64 < 1e-9, f"{model_name} {method} float64 on {gpu}: max rel. error {err64:.2e}"
+    strategy = backends.default_strategy(model) if strategy == "default" else strategy
+    err64 = _rel(_on(gpu, torch.float64, model, stacked, X, Y, idx, mask, method, strategy), ref)
+    assert err64 < 1e-9, f"{model_name} {method} {strategy} float64 on {gpu}: max rel. error {err64:.2e}"
     # float32: the HF difference quotient of a ReLU net in float32 is far from its float64 value
     # (REFERENCES.md), so HF in float32 is only compared on the smooth models
     if method != "hf" or model_name != "cnn":
         tol = 1e-2 if method == "hf" else 1e-4
-        err32 = _rel(_on(gpu, torch.float32, model, stacked, X, Y, idx, mask, method), ref)
-        assert err32 < tol, f"{model_name} {method} float32 on {gpu}: max rel. error {err32:.2e}"
-        print(f"\n{model_name} {method}: rel. error float64 {err64:.1e}, float32 {err32:.1e}")
+        err32 = _rel(_on(gpu, torch.float32, model, stacked, X, Y, idx, mask, method, strategy), ref)
+        assert err32 < tol, f"{model_name} {method} {strategy} float32 on {gpu}: max rel. error {err32:.2e}"
+        print(f"\n{model_name} {method} {strategy}: rel. error float64 {err64:.1e}, float32 {err32:.1e}")
 
 
 def _gpu_env(gpu):

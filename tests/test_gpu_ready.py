@@ -70,10 +70,10 @@ def _limbs(s, ds, params, split, agent_chunk, fn="round"):
     for lo, hi in split:
         blk = build_block(ds.x, ds.y, s.partition, lo, hi, s.device, s.dtype)
         if fn == "round":
-            limbs, bad = algorithm.local_round(s.loss, blk, params, spec, 1, COHORT, w)
+            limbs, bad = algorithm.local_round(s.backend, blk, params, spec, 1, COHORT, w)
             assert bad.shape == () and int(bad) == 0
         else:
-            limbs = algorithm.stationarity_block(s.loss, blk, params, s.num_train, 2, 0.05, 256, agent_chunk)
+            limbs = algorithm.stationarity_block(s.backend, blk, params, s.num_train, 2, 0.05, 256, agent_chunk)
         total = total + limbs.cpu().numpy()
     return total
 
@@ -108,7 +108,7 @@ def test_agent_chunk_padding_evaluation():
 
     def rows(split, C):
         return np.concatenate([algorithm.evaluate_block(
-            s.loss, s.logits, build_block(ds.x, ds.y, s.partition, lo, hi, s.device, s.dtype), params, ids,
+            s.backend, build_block(ds.x, ds.y, s.partition, lo, hi, s.device, s.dtype), params, ids,
             [0, 1, 2], 0.05, 256, C) for lo, hi in split])
 
     ref = rows(SPLITS[0], 0)
@@ -123,7 +123,7 @@ def test_divergence_count_stays_on_the_device():
     next(iter(bad_params.values()))[0] = float("nan")
     blk = build_block(ds.x, ds.y, s.partition, 0, 12, s.device, s.dtype)
     w = algorithm.aggregation_weights(COHORT, s.train_counts, "uniform")
-    limbs, bad = algorithm.local_round(s.loss, blk, bad_params, s.spec, 1, COHORT, w)
+    limbs, bad = algorithm.local_round(s.backend, blk, bad_params, s.spec, 1, COHORT, w)
     assert isinstance(bad, torch.Tensor) and bad.device == blk.device and int(bad) > 0
 
 
@@ -287,13 +287,23 @@ def test_gpu_check_script_parses_and_checks_its_arguments():
         assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
-def test_compile_fallback_reported_once_by_rank_0(monkeypatch, capsys):
-    from types import SimpleNamespace
-    from mpifedmeta import metagrad
-    monkeypatch.setattr(metagrad, "_compile_failed", {("k",): "Tensor device mismatch\n(more)"})
-    reported = set()
-    for is_root in (True, True, False):
-        s = SimpleNamespace(spec=SimpleNamespace(compile=True), world=SimpleNamespace(is_root=is_root))
-        runner._report_compile_fallback(s, reported if is_root else set())
+def test_compile_fallback_notice_is_one_line_on_rank_0_only(monkeypatch, capsys):
+    from mpifedmeta import capture
+    monkeypatch.setattr(capture, "_failed", {})
+    monkeypatch.setattr(capture, "ANNOUNCE", False)            # what setup() sets on ranks other than 0
+    capture._notice(("a",), "torch.compile failed (x)")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(capture, "ANNOUNCE", True)
+    for _ in range(2):
+        capture._notice(("b",), "torch.compile failed (y)")
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "torch.compile failed (Tensor device mismatch" in err[0] and "running eagerly" in err[0]
+    assert len(err) == 1 and "torch.compile failed (y)" in err[0] and "eagerly" in err[0]
+
+
+def test_pad_keeps_broadcast_dimensions_broadcast():
+    idx = torch.arange(6).view(3, 1, 1, 2).expand(3, 4, 1, 2)      # full batches: the same rows in every step
+    p = chunks.pad(idx, 5)
+    assert p.shape == (5, 4, 1, 2) and p.stride(1) == 0
+    assert torch.equal(p[:3], idx) and torch.equal(p[3:], idx[:1].expand(2, 4, 1, 2))
+    m = chunks.pad(torch.ones(3, 1, 1, 2).expand(3, 4, 1, 2), 5, 0.0)
+    assert m.stride(1) == 0 and m[3:].sum() == 0 and m[:3].sum() == 24
