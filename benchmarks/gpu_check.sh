@@ -91,7 +91,7 @@ step compare_checkpoints 60 "$PYTHON" benchmarks/compare_runs.py "$OUT/quickstar
   "$OUT/quickstart_P3" "$OUT/quickstart_P1_again"
 
 step throughput_mlp 300 "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --models mlp --methods exact \
-  --strategies vmap --no-auto --no-e2e ${TP_ARGS[@]+"${TP_ARGS[@]}"} --out "$OUT/throughput.json"
+  --strategies stacked vmap --no-auto --no-e2e ${TP_ARGS[@]+"${TP_ARGS[@]}"} --out "$OUT/throughput.json"
 step memory_nu5 240 "$PYTHON" benchmarks/memory.py --device "$DEVICE" ${MEM_ARGS[@]+"${MEM_ARGS[@]}"} --out "$OUT/memory.json"
 step cnn_agreement 180 "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --agreement-only --models cnn \
   --methods exact fo hf --out "$OUT/cnn_agreement.json"
