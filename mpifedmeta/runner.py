@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, backends, budget, dist, exactsum, io, lock, metagrad, rng, signals
+from . import (__version__, algorithm, backends, budget, capture, devices, dist, exactsum, io, lock, metagrad, rng,
+               signals)
 from .block import build_block
 from .config import Config, ConfigError, from_json, keys_where
 from .console import Progress, final_table, say
@@ -105,12 +106,14 @@ class Setup:
     spec: algorithm.RoundSpec
     backend: object = None       # mpifedmeta.backends; train.strategy = "auto" is resolved by choose_strategy
     strategy: str = ""
+    stage: dist.HostStage = None     # the reused host buffer of the Allreduces
+    device_map: list = None          # every rank's (host, device) record
 
 
 def setup(cfg: Config, world: dist.World) -> Setup:
     """Everything a rank needs before round 1; errors on any rank become one BadInput everywhere."""
     def build():
-        device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
+        device = dist.choose_device(world, cfg.train.device, cfg.train.threads, cfg.train.allow_tf32)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
         ds = load_dataset(cfg.data.dataset, cfg.data.path, cfg.train.dtype)
         with torch.device("meta"):       # shapes only: an absurd size is refused before it is allocated
@@ -138,6 +141,11 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         return device, dtype, part, N, H, block, model, backend, strategy
 
     device, dtype, part, N, H, block, model, backend, strategy = agreed(world, build)
+    records, err, warnings = dist.device_map(world, device)
+    if err:
+        raise BadInput(err)
+    for w in warnings:
+        say(world, f"mpifedmeta: warning: {w}", err=True)
     num_train = N - H
     if cfg.eval.agents == "all" or cfg.eval.agents >= num_train:
         eval_ids = np.arange(num_train, dtype=np.int64)
@@ -147,11 +155,12 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     t = cfg.train
     spec = algorithm.RoundSpec(t.seed, t.local_steps, t.beta, t.batch_size,
                                metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
-                               metagrad.capture_mode(t.compile))
+                               metagrad.capture_mode(t.compile), devices.resolve_agent_chunk(t.agent_chunk, device.type))
     setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
                    metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
-                   np.arange(num_train, N, dtype=np.int64), spec, backend, strategy)
+                   np.arange(num_train, N, dtype=np.int64), spec, backend, strategy, dist.HostStage(device), records)
     model.requires_grad_(False)
+    capture.ANNOUNCE = world.is_root          # train.compile's fallback notice: one line, rank 0
     return setup_
 
 
@@ -161,7 +170,7 @@ def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
     from . import strategy as strat
 
     t = s.cfg.train
-    per_rank = -(-t.agents_per_round // s.world.size)
+    per_rank = s.spec.agent_chunk or -(-t.agents_per_round // s.world.size)   # the block size the calls will see
     try:
         name, desc = strat.choose(t.strategy, s.model, s.block, params, s.spec, per_rank, t.chunk,
                                   t.memory_budget, recorded, lambda mine: dist.allgather(s.world, mine))
@@ -179,13 +188,14 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     """Personalized metrics of all evaluated agents; the row (on rank 0) for metrics.h5."""
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
-    rows = algorithm.evaluate_block(s.backend, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+    rows = algorithm.evaluate_block(s.backend, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk,
+                                    s.spec.agent_chunk)
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
         limbs = algorithm.stationarity_block(s.backend, s.block, params, s.num_train, s.cfg.train.nu,
-                                             s.cfg.train.alpha, s.cfg.eval.chunk)
-        total = exactsum.decode(dist.allreduce_tensor(s.world, limbs.reshape(-1)).reshape(2, -1))
+                                             s.cfg.train.alpha, s.cfg.eval.chunk, s.spec.agent_chunk)
+        total = exactsum.decode(s.stage.allreduce(s.world, limbs).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
     if not s.world.is_root:
         return None
@@ -275,7 +285,7 @@ def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int,
     t_compute = time.perf_counter() - tc
     _maybe_inject_failure(s.world, r)
     stop = 1 if signals.requested() else 0
-    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, limbs, [bad, stop], params)
+    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, s.stage, limbs, bad, [stop], params)
     # every rank's compute time, max and min: load imbalance told apart from communication
     timings["compute_time"], timings["compute_time_min"] = dist.max_min(s.world, t_compute)
     return new_params, meta_loss, bad, stop, timings
@@ -417,13 +427,23 @@ def _start_new(cfg: Config, world: dist.World) -> int:
 
 
 def _ckpt_attrs(s: Setup, wall: float) -> dict:
-    return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)"}
+    return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)",
+            "agent_chunk": s.spec.agent_chunk}
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
             "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
-            "world_size_at_start": s.world.size}
+            "world_size_at_start": s.world.size, **_device_attrs(s)}
+
+
+def _device_attrs(s: Setup) -> dict:
+    """What the results' bits depend on besides the config: device, fixed agent chunk, numerics."""
+    cuda = s.device.type == "cuda"
+    names = sorted({f"{r['name']}" + (f" ({r['sms']} SMs)" if r.get("sms") else "") for r in s.device_map})
+    return {"device": s.device.type, "device_names": "; ".join(names), "agent_chunk": int(s.spec.agent_chunk),
+            "tf32": bool(cuda and s.cfg.train.allow_tf32), "cuda_deterministic": cuda,
+            "cuda_version": str(torch.version.cuda or "")}
 
 
 def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:
