@@ -60,13 +60,13 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
     Returns (int64 limbs (2, d + 1) = exact Σ_i p_i·[θ_i, mean_t meta-loss_i], number of terms
     out of the representable range), on the block's device. Agents of other blocks contribute nothing.
     """
-    mine = (cohort >= block.lo) & (cohort < block.hi)
+    mine, positions = block.locate(cohort)
     d = sum(p.numel() for p in global_params.values())
     if not mine.any():
         return torch.zeros(2, d + 1, dtype=torch.int64, device=block.device), 0
     dev = block.device
     ids = torch.as_tensor(cohort[mine], device=dev)
-    positions = ids - block.lo
+    positions = torch.as_tensor(positions, device=dev)
     B = len(ids)
     idx, mask = round_batches(block, spec, round_, ids, positions)
     stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
@@ -86,10 +86,11 @@ def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agen
     Returns rows [agent id, loss_k for k in ks…, acc_k for k in ks…] (float64) for the agents
     this block owns, fine-tuned with k full-batch steps of size α on their own training split.
     """
-    mine = agent_ids[(agent_ids >= block.lo) & (agent_ids < block.hi)]
+    held, pos = block.locate(agent_ids)
+    mine = agent_ids[held]
     if len(mine) == 0:
         return np.zeros((0, 1 + 2 * len(ks)))
-    pos = torch.as_tensor(mine - block.lo, device=block.device)
+    pos = torch.as_tensor(pos, device=block.device)
     tr_idx, tr_mask = padded_rows(block.train_offset, block.train_count, pos, block.train_width)
     te_idx, te_mask = padded_rows(block.test_offset, block.test_count, pos, block.test_width)
     dt = block.X_train.dtype
@@ -106,11 +107,11 @@ def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: 
     agents, full local training data, exact meta-gradient. Returns int64 limbs (2, d + 1)."""
     d = sum(p.numel() for p in global_params.values())
     total = torch.zeros(2, d + 1, dtype=torch.int64, device=block.device)
-    lo, hi = block.lo, min(block.hi, num_train)
-    for start in range(lo, hi, chunk):
-        ids = torch.arange(start, min(start + chunk, hi), device=block.device)
-        idx, mask = padded_rows(block.train_offset, block.train_count, ids - block.lo, block.train_width)
-        B = len(ids)
+    training = np.flatnonzero(block.global_ids() < num_train)
+    for start in range(0, len(training), chunk):
+        positions = torch.as_tensor(training[start:start + chunk], device=block.device)
+        idx, mask = padded_rows(block.train_offset, block.train_count, positions, block.train_width)
+        B = len(positions)
         stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
         g, value = metagrad.block_meta_gradients(loss, stacked, block.X_train, block.Y_train, idx[:, None, :],
                                                  mask[:, None, :].to(block.X_train.dtype), nu, alpha, "exact")

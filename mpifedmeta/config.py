@@ -15,8 +15,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-DATASETS = ("digits", "mnist5k", "fashion-mnist", "npz")
-PARTITIONS = ("shards", "dirichlet", "iid", "natural")
+DATASETS = ("digits", "mnist5k", "fashion-mnist", "npz", "synthetic")
+PARTITIONS = ("shards", "dirichlet", "iid", "natural", "virtual-shards", "virtual-dirichlet")
+MAX_AGENTS = 2**31 - 1          # agent ids are hashed as 32-bit counters (rng.py)
+MAX_EVALUATED = 100_000         # generated populations: agents evaluated per evaluation, at most
 MODELS = ("linear", "mlp", "cnn")
 METAGRADS = ("exact", "fo", "hf")
 STRATEGIES = ("auto", "vmap", "chunked", "loop")
@@ -74,14 +76,19 @@ def _agents(v):
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "dataset": Key("digits", (str,), _one_of(DATASETS), "digits | mnist5k | fashion-mnist | npz"),
+        "dataset": Key("digits", (str,), _one_of(DATASETS), "digits | mnist5k | fashion-mnist | npz | synthetic (FedProx Synthetic(alpha, beta), generated per agent)"),
         "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
         "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
         "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
-        "partition": Key("shards", (str,), _one_of(PARTITIONS), "shards | dirichlet | iid | natural"),
+        "partition": Key("shards", (str,), _one_of(PARTITIONS), "shards | dirichlet | iid | natural (disjoint) | virtual-shards | virtual-dirichlet (agents drawn on demand, may share samples); not used by synthetic"),
         "classes_per_agent": Key(2, (int,), _positive, "classes per agent for shards"),
         "dirichlet_alpha": Key(0.5, (float, int), _positive, "concentration of the Dirichlet label skew"),
-        "test_fraction": Key(0.2, (float,), _fraction, "share of each agent's samples held out for evaluation"),
+        "test_fraction": Key(0.2, (float,), _fraction, "share of each agent's samples held out for evaluation (synthetic: always 10%)"),
+        "samples_per_agent": Key(50, (int,), _positive, "virtual partitions: samples each agent draws from the dataset (train + test)"),
+        "synthetic_alpha": Key(1.0, (float, int), _non_negative, "synthetic: alpha, spread of the agents' model means u_k ~ N(0, alpha^2)"),
+        "synthetic_beta": Key(1.0, (float, int), _non_negative, "synthetic: beta, spread of the agents' feature means B_k ~ N(0, beta^2)"),
+        "synthetic_iid": Key(False, (bool,), None, "synthetic: the iid variant (one shared W, b; v_k = B_k)"),
+        "synthetic_max_samples": Key(1000, (int,), _positive, "synthetic: cap on an agent's samples min(int(lognormal(4, 2)) + 50, cap)"),
     },
     "model": {
         "name": Key("mlp", (str,), _one_of(MODELS), "linear | mlp | cnn"),
@@ -112,6 +119,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),
         "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
         "agents": Key("all", (int, str), _agents, 'training agents evaluated: "all" or a fixed random subset of this size'),
+        "holdout_agents": Key("all", (int, str), _agents, 'holdout agents evaluated: "all" or a fixed random subset of this size'),
         "chunk": Key(256, (int,), _positive, "agents per batched evaluation call"),
         "stationarity": Key(False, (bool,), None, "also compute F(w) and ||grad F(w)||^2 on full local data, exact meta-gradient (costly)"),
     },
@@ -197,6 +205,24 @@ def validate(raw: dict) -> Config:
         raise ConfigError(f"data.path = {d['path']!r}: file not found")
     if d["dataset"] == "fashion-mnist" and d["path"] and not os.path.isdir(d["path"]):
         raise ConfigError(f"data.path = {d['path']!r}: directory not found")
+    generated = d["dataset"] == "synthetic" or d["partition"].startswith("virtual-")
+    if d["num_agents"] > MAX_AGENTS:
+        raise ConfigError(f"data.num_agents = {d['num_agents']} exceeds {MAX_AGENTS} (agent ids are 32-bit counters)")
+    if d["dataset"] == "synthetic":
+        if d["synthetic_max_samples"] < 2:
+            raise ConfigError(f"data.synthetic_max_samples = {d['synthetic_max_samples']}: an agent needs >= 2 samples (1 train, 1 test)")
+        if out["model"]["name"] == "cnn":
+            raise ConfigError("model.name = 'cnn' needs images; data.dataset = 'synthetic' has 60 features (use linear or mlp)")
+    elif d["partition"].startswith("virtual-") and d["samples_per_agent"] < 2:
+        raise ConfigError(f"data.samples_per_agent = {d['samples_per_agent']}: a virtual agent needs >= 2 samples (1 train, 1 test)")
+    if generated and d["num_agents"] == 0:
+        raise ConfigError("data.num_agents = 0 (from the file) is only valid with data.partition = 'natural'")
+    if generated:
+        e = out["eval"]
+        for key, n in (("agents", d["num_agents"] - d["holdout_agents"]), ("holdout_agents", d["holdout_agents"])):
+            if e[key] == "all" and n > MAX_EVALUATED:
+                raise ConfigError(f"eval.{key} = 'all' would evaluate {n} generated agents at every evaluation "
+                                  f"(more than {MAX_EVALUATED}); set eval.{key} to a sample size, e.g. 1000")
     if d["num_agents"] == 0 and d["partition"] != "natural":
         raise ConfigError("data.num_agents = 0 (from the file) is only valid with data.partition = 'natural'")
     if d["num_agents"] and d["holdout_agents"] >= d["num_agents"]:

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, dist, exactsum, io, metagrad, rng, signals
-from .block import build_block
+from . import __version__, algorithm, dist, exactsum, io, metagrad, population, rng, signals
 from .config import Config, ConfigError, from_json
-from .data import DataError, load_dataset, make_partition
+from .data import DataError
 from .models import build_model, flatten, param_dict, unflatten
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
@@ -45,8 +44,8 @@ class Setup:
     world: dist.World
     device: torch.device
     dtype: torch.dtype
-    partition: object
-    block: object
+    partition: object            # the stored partition (None for generated populations)
+    block: object                # this rank's resident block (None for generated populations)
     model: torch.nn.Module
     loss: object
     logits: object
@@ -55,6 +54,8 @@ class Setup:
     eval_train_ids: np.ndarray
     holdout_ids: np.ndarray
     spec: algorithm.RoundSpec
+    population: object = None
+    eval_widths: tuple = (1, 1)  # generated populations: padding widths of the evaluated agents
 
 
 def setup(cfg: Config, world: dist.World) -> Setup:
@@ -63,21 +64,19 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     try:
         device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-        ds = load_dataset(cfg.data.dataset, cfg.data.path)
-        part = make_partition(ds, cfg.data.partition, cfg.data.num_agents,
-                              classes_per_agent=cfg.data.classes_per_agent,
-                              dirichlet_alpha=cfg.data.dirichlet_alpha,
-                              test_fraction=cfg.data.test_fraction, seed=cfg.train.seed)
-        N = part.num_agents
+        pop = population.make_population(cfg.data, cfg.train.seed)
+        N = pop.num_agents
         H = cfg.data.holdout_agents
         if H >= N:
             raise ConfigError(f"data.holdout_agents = {H} must be < the {N} agents of the partition")
         if cfg.train.agents_per_round > N - H:
             raise ConfigError(f"train.agents_per_round = {cfg.train.agents_per_round} exceeds the {N - H} training agents")
-        lo, hi = dist.block_range(N, world.size, world.rank)
-        block = build_block(ds.x, ds.y, part, lo, hi, device, dtype)
+        block = None
+        if pop.resident:
+            lo, hi = dist.block_range(N, world.size, world.rank)
+            block = pop.resident_block(lo, hi, device, dtype)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden).to(dtype)
+        model = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden).to(dtype)
     except (ConfigError, DataError, dist.LaunchError, ValueError, OSError) as e:
         err = str(e).splitlines()[0] if str(e) else type(e).__name__
     err = dist.first_error(world, err)
@@ -89,13 +88,18 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     else:
         eval_ids = np.sort(np.random.default_rng([rng.EVAL_AGENTS, cfg.train.seed]).choice(
             num_train, cfg.eval.agents, replace=False)).astype(np.int64)
+    holdout_ids = np.arange(num_train, N, dtype=np.int64)
+    if cfg.eval.holdout_agents != "all" and cfg.eval.holdout_agents < H:
+        holdout_ids = num_train + np.sort(np.random.default_rng([rng.EVAL_HOLDOUT, cfg.train.seed]).choice(
+            H, cfg.eval.holdout_agents, replace=False)).astype(np.int64)
     t = cfg.train
     spec = algorithm.RoundSpec(t.seed, t.local_steps, t.nu, t.alpha, t.beta, t.batch_size, t.metagrad,
                                t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk, t.compile,
                                t.recompute)
-    setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
-                   metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
-                   np.arange(num_train, N, dtype=np.int64), spec)
+    setup_ = Setup(cfg, world, device, dtype, getattr(pop, "partition", None), block, model, metagrad.make_loss(model),
+                   metagrad.make_logits(model), num_train, pop.train_counts, eval_ids, holdout_ids, spec, pop)
+    if not pop.resident:
+        setup_.eval_widths = population.widths(pop, np.concatenate([eval_ids, holdout_ids]))
     model.requires_grad_(False)
     return setup_
 
@@ -112,8 +116,12 @@ def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
     if recorded:
         s.spec = dataclasses.replace(s.spec, strategy=recorded)
         return f"{recorded} (recorded in the checkpoint)"
-    blk = s.block
     per_rank = -(-s.cfg.train.agents_per_round // s.world.size)
+    if s.block is not None:
+        blk = s.block
+    else:   # generated: time on a block like a round's share (the first training agents)
+        first = np.arange(min(per_rank, s.num_train), dtype=np.int64)
+        blk = s.population.build(first, s.device, s.dtype, population.widths(s.population, first))
     B = max(1, min(per_rank, blk.num_agents))
     ids = torch.arange(blk.lo, blk.lo + B, device=blk.device)
     spec1 = dataclasses.replace(s.spec, local_steps=1)
@@ -140,16 +148,51 @@ def initial_params(s: Setup) -> dict[str, torch.Tensor]:
     return {k: v.to(s.device) for k, v in param_dict(s.model).items()}
 
 
+def cohort_block(s: Setup, cohort: np.ndarray):
+    """The block a round runs on: the rank's resident block, or (generated populations) its even share
+    of the cohort built now, padded to the widths of the whole cohort (the same on every rank)."""
+    if s.block is not None:
+        return s.block
+    mine = population.share(cohort, s.world.rank, s.world.size)
+    return s.population.build(mine, s.device, s.dtype, population.widths(s.population, cohort))
+
+
+def _eval_blocks(s: Setup, ids: np.ndarray):
+    """Blocks holding this rank's evaluated agents: the resident block, or built chunks of its share."""
+    if s.block is not None:
+        yield s.block
+        return
+    mine = population.share(ids, s.world.rank, s.world.size)
+    for start in range(0, len(mine), s.cfg.eval.chunk):
+        yield s.population.build(mine[start:start + s.cfg.eval.chunk], s.device, s.dtype, s.eval_widths)
+
+
+def _stationarity_blocks(s: Setup):
+    """Blocks covering all training agents once over the ranks (generated: chunk c on rank c mod P; O(N))."""
+    if s.block is not None:
+        yield s.block
+        return
+    chunk = s.cfg.eval.chunk
+    for c in range(s.world.rank, -(-s.num_train // chunk), s.world.size):
+        ids = np.arange(c * chunk, min((c + 1) * chunk, s.num_train), dtype=np.int64)
+        yield s.population.build(ids, s.device, s.dtype, population.widths(s.population, ids))
+
+
 def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     """Personalized metrics of all evaluated agents; the row (on rank 0) for metrics.h5."""
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
-    rows = algorithm.evaluate_block(s.loss, s.logits, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+    rows = np.concatenate([np.zeros((0, 1 + 2 * len(ks)))] + [
+        algorithm.evaluate_block(s.loss, s.logits, blk, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+        for blk in _eval_blocks(s, ids)])
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
-        limbs = algorithm.stationarity_block(s.loss, s.block, params, s.num_train, s.cfg.train.nu,
-                                             s.cfg.train.alpha, s.cfg.eval.chunk)
+        d = sum(v.numel() for v in params.values())
+        limbs = torch.zeros(2, d + 1, dtype=torch.int64, device=s.device)
+        for blk in _stationarity_blocks(s):
+            limbs += algorithm.stationarity_block(s.loss, blk, params, s.num_train, s.cfg.train.nu,
+                                                  s.cfg.train.alpha, s.cfg.eval.chunk)
         total = exactsum.decode(dist.allreduce_tensor(s.world, limbs.reshape(-1)).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
     if not s.world.is_root:
@@ -224,7 +267,7 @@ def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) 
             t0 = time.perf_counter()
             cohort = rng.cohort(cfg.train.seed, r, s.num_train, K)
             weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
-            limbs, bad = algorithm.local_round(s.loss, s.block, params, s.spec, r, cohort, weights)
+            limbs, bad = algorithm.local_round(s.loss, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
             _maybe_inject_failure(world, r)
             stop = 1 if signals.requested() else 0
             flags = torch.tensor([bad, stop], dtype=torch.int64, device=limbs.device)
@@ -319,19 +362,14 @@ def start_new(cfg: Config, world: dist.World) -> int:
     chosen = choose_strategy(s, params)
     if world.is_root:
         os.makedirs(out_dir, exist_ok=True)
-        p = s.partition
-        io.create_metrics(out_dir, cfg.to_json(), _file_attrs(s, params),
-                          {"train_ptr": p.train_ptr, "train_idx": p.train_idx, "test_ptr": p.test_ptr,
-                           "test_idx": p.test_idx,
-                           "holdout": np.arange(p.num_agents) >= s.num_train},
-                          {"dataset": cfg.data.dataset, "scheme": cfg.data.partition,
-                           "num_agents": p.num_agents},
+        arrays, attrs = s.population.metadata(s.num_train)
+        io.create_metrics(out_dir, cfg.to_json(), _file_attrs(s, params), arrays, {**attrs, "dataset": cfg.data.dataset},
                           list(cfg.eval.finetune_steps), s.eval_train_ids, s.holdout_ids)
     row = evaluate(s, params, 0)
     if world.is_root:
         io.append_metrics(out_dir, [], [row])
         io.write_checkpoint(out_dir, 0, _params_numpy(params), cfg.to_json(), _ckpt_attrs(s, 0.0), cfg.output.keep)
-        say(world, f"mpifedmeta {__version__}: {s.partition.num_agents} agents ({len(s.holdout_ids)} holdout) on "
+        say(world, f"mpifedmeta {__version__}: {s.population.num_agents} agents ({s.population.num_agents - s.num_train} holdout) on "
                    f"{world.size} rank(s), {cfg.model.name} with {sum(v.numel() for v in params.values())} parameters, "
                    f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, strategy {chosen}")
     dist.barrier(world)
