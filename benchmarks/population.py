@@ -16,7 +16,7 @@ Targets (issue 14): round time and peak memory at N = 10^6 within 10% of N = 10^
 cohort; start-up at N = 10^6 under 5 s; N = 10^7 with a cohort of 1000 runs.
 
     python benchmarks/population.py                 # the default grid (~10 min on 2 busy cores)
-    python benchmarks/population.py --rounds 10     # steadier medians
+    python benchmarks/population.py --rounds 10     # steadier medians (default 5)
     python benchmarks/population.py --quick         # seconds: the smoke setting
 """
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cohorts", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per point; the first is a warm-up (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per point; the first is a warm-up (default 5)")
     ap.add_argument("--eval-agents", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every rank (default 1)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per point")

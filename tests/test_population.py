@@ -243,6 +243,29 @@ def test_round_does_not_depend_on_how_the_cohort_is_shared():
         assert all(np.array_equal(sums[0], t) for t in sums[1:]), batch
 
 
+def test_a_rank_with_no_share_of_the_cohort_contributes_nothing():
+    from mpifedmeta import algorithm, runner
+    s = _synthetic_setup(1000)
+    params = runner.initial_params(s)
+    blk = s.population.build(np.zeros(0, dtype=np.int64), s.device, s.dtype, (5, 2))
+    assert blk.num_agents == 0
+    limbs, bad = algorithm.local_round(s.loss, blk, params, s.spec, 1, np.array([3, 9]), np.array([0.5, 0.5]))
+    assert bad == 0 and not limbs.any()
+
+
+def test_stored_partition_can_evaluate_a_sample_of_its_holdout_agents():
+    from mpifedmeta import config, runner
+    cfg = config.load(None, ["data.num_agents=30", "data.holdout_agents=10", "eval.holdout_agents=4",
+                             "eval.agents=5", "output.dir=\"/nonexistent/never-written\""])
+    threads = torch.get_num_threads()
+    s = runner.setup(cfg, _world())
+    torch.set_num_threads(threads)
+    assert len(s.holdout_ids) == 4 and s.holdout_ids.min() >= 20 and len(np.unique(s.holdout_ids)) == 4
+    assert len(s.eval_train_ids) == 5 and s.eval_train_ids.max() < 20
+    row = runner.evaluate(s, runner.initial_params(s), 0)
+    assert row["holdout_agent_acc"].shape[1] == 4 and row["train_agent_acc"].shape[1] == 5
+
+
 # --------------------------------------------------------------------------- runs: ranks, resume, output, errors
 
 SYN = sets(data__dataset="synthetic", data__num_agents=1_000_000, data__holdout_agents=1000,
