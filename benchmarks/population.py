@@ -2,9 +2,9 @@
 
 For every point (population kind, N, cohort K, ranks P) a fresh ``mpiexec -n P`` process runs the
 engine's own code path in-process: ``runner.setup`` (the population, the model, the evaluated
-agents), then rounds exactly as ``runner.train`` runs them (cohort, weights, the rank's built share
-of the cohort, ``local_round``, the Allreduce, the update) without file output, and one
-evaluation. Measured per point: start-up (``runner.setup`` seconds; the interpreter and ``import
+agents), then rounds exactly as ``runner.train`` runs them (``runner._run_round``: cohort, weights,
+the rank's built share of the cohort, ``local_round``, the Allreduce, the server step) without file
+output, and one evaluation. Measured per point: start-up (``runner.setup`` seconds; the interpreter and ``import
 torch`` are reported apart), the median seconds per round (the first round is a warm-up), the
 evaluation's seconds and the peak resident memory of each rank (``ru_maxrss``).
 
@@ -56,10 +56,7 @@ def overrides(kind: str, N: int, K: int, rounds: int, eval_agents: int) -> list[
 def worker(args) -> None:
     t_py = time.perf_counter() - T_START
     t0 = time.perf_counter()
-    import numpy as np
-    import torch
-    from mpifedmeta import algorithm, config, dist, exactsum, rng, runner
-    from mpifedmeta.models import unflatten
+    from mpifedmeta import config, dist, runner
     t_import = time.perf_counter() - t0
     world = dist.init_world()
     cfg = config.load(None, json.loads(args.worker))
@@ -67,17 +64,11 @@ def worker(args) -> None:
     s = runner.setup(cfg, world)
     params = runner.initial_params(s)
     t_setup = time.perf_counter() - t0
-    like = dict(params)
-    d = sum(v.numel() for v in params.values())
     times = []
     for r in range(1, cfg.train.rounds + 1):
         dist.barrier(world)
         t0 = time.perf_counter()
-        cohort = rng.cohort(cfg.train.seed, r, s.num_train, cfg.train.agents_per_round)
-        weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
-        limbs, bad = algorithm.local_round(s.loss, runner.cohort_block(s, cohort), params, s.spec, r, cohort, weights)
-        total = exactsum.decode(dist.allreduce_tensor(world, limbs.reshape(-1)).reshape(2, d + 1))
-        params = unflatten(torch.as_tensor(total[:d], dtype=s.dtype), like)
+        params, meta_loss, bad, _, _ = runner._run_round(s, params, r)   # exactly a round of runner.train
         times.append(time.perf_counter() - t0)
     dist.barrier(world)
     t0 = time.perf_counter()
@@ -91,7 +82,7 @@ def worker(args) -> None:
             "startup_s": max(e["setup_s"] for e in every), "python_start_s": t_py, "import_s": t_import,
             "round_median_s": statistics.median(timed), "round_min_s": min(timed), "round_s": timed,
             "eval_s": t_eval, "peak_rss_mb_per_rank": [e["rss_mb"] for e in every],
-            "peak_rss_mb": max(e["rss_mb"] for e in every), "final_param_sum": float(total[:d].sum())}), flush=True)
+            "peak_rss_mb": max(e["rss_mb"] for e in every), "final_meta_loss": meta_loss}), flush=True)
 
 
 # --------------------------------------------------------------------------- driver

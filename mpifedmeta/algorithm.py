@@ -1,19 +1,21 @@
 """One round of the ν-step FedAvg variant and the personalized evaluation, for one block of agents.
 
-No MPI here: a round returns the block's exactly-summed contribution (int64 limbs) which the
-caller adds over ranks with one Allreduce; evaluation returns per-agent rows the caller gathers.
+A round is :func:`local_round` on every rank (the block's exactly-summed contribution as int64
+limbs) followed by :func:`aggregate`, the server step (one Allreduce through dist, decode, new
+global model). Evaluation returns per-agent rows the caller gathers.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import exactsum, metagrad, rng
+from . import dist, exactsum, metagrad, rng
 from .block import AgentBlock, padded_rows
-from .models import flatten
+from .models import flatten, unflatten
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,29 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
     terms = p * torch.cat([flatten(params, batch_dims=1).to(torch.float64),
                            losses.to(torch.float64).mean(dim=1, keepdim=True)], dim=1)
     return exactsum.encode_sum(terms), exactsum.out_of_range(terms)
+
+
+def aggregate(world: dist.World, limbs: torch.Tensor, flags: list[int],
+              like: dict) -> tuple[dict | None, float, list[int], dict]:
+    """The FedAvg server step: one SUM Allreduce of this rank's limbs with ``flags`` appended, then decode.
+
+    ``flags[0]`` counts this rank's out-of-range terms (from :func:`local_round`); further flags
+    (e.g. a stop request) are summed alongside. Returns (new global parameters shaped, typed and
+    placed like ``like`` — None when any rank had out-of-range terms —, the weighted mean meta-loss
+    (nan then), the summed flags, {"allreduce_time", "bytes_allreduced"}).
+    """
+    flag_tensor = torch.tensor(flags, dtype=torch.int64, device=limbs.device)
+    t0 = time.perf_counter()
+    buf = dist.allreduce_tensor(world, torch.cat([limbs.reshape(-1), flag_tensor]))
+    timings = {"allreduce_time": time.perf_counter() - t0, "bytes_allreduced": buf.nbytes}
+    n = len(flags)
+    summed = [int(v) for v in buf[-n:]]
+    if summed[0]:
+        return None, float("nan"), summed, timings
+    total = exactsum.decode(buf[:-n].reshape(2, -1))
+    first = next(iter(like.values()))
+    flat = torch.as_tensor(total[:-1], dtype=first.dtype, device=first.device)
+    return unflatten(flat, like), float(total[-1]), summed, timings
 
 
 def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,

@@ -6,6 +6,7 @@ Every problem is reported as one line naming the key; the CLI exits with code 2.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,13 +16,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-DATASETS = ("digits", "mnist5k", "fashion-mnist", "npz", "synthetic")
-PARTITIONS = ("shards", "dirichlet", "iid", "natural", "virtual-shards", "virtual-dirichlet")
 MAX_AGENTS = 2**31 - 1          # agent ids are hashed as 32-bit counters (rng.py)
 MAX_EVALUATED = 100_000         # generated populations: agents evaluated per evaluation, at most
-MODELS = ("linear", "mlp", "cnn")
-METAGRADS = ("exact", "fo", "hf")
-STRATEGIES = ("auto", "vmap", "chunked", "loop")
 
 
 class ConfigError(ValueError):
@@ -33,7 +29,30 @@ class Key:
     default: object
     types: tuple
     check: object = None      # callable(value) -> error text or None
-    doc: str = ""
+    doc: str = ""             # "{choices}" is replaced by the registered names (see Registered)
+    resumable: bool = False   # may change when a run is resumed (bookkeeping, never the results)
+    experiment: bool = True   # defines the experiment: the report groups runs that differ only in the others
+
+
+class Registered:
+    """Check that a value names an entry of a registry (e.g. ``models.MODELS``), plus ``extra`` names.
+
+    The registry is read at validation time, so a new registration needs no edit here and
+    ``import mpifedmeta.config`` stays free of torch.
+    """
+
+    def __init__(self, module: str, registry: str, extra: tuple[str, ...] = (),
+                 also: tuple[tuple[str, str], ...] = ()):
+        self.module, self.registry, self.extra, self.also = module, registry, extra, also
+
+    def names(self) -> tuple[str, ...]:
+        sources = ((self.module, self.registry),) + self.also     # also: more (module, registry) pairs
+        return self.extra + tuple(name for module, registry in sources
+                                  for name in getattr(importlib.import_module(module, __package__), registry))
+
+    def __call__(self, value) -> str | None:
+        names = self.names()
+        return None if value in names else f"must be one of {', '.join(names)}"
 
 
 def _one_of(choices):
@@ -74,13 +93,18 @@ def _agents(v):
     return None if v > 0 else 'must be "all" or a positive integer'
 
 
+# How a run is executed, not what it computes: may change on resume, not part of the experiment.
+_RUN_ONLY = {"resumable": True, "experiment": False}
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "dataset": Key("digits", (str,), _one_of(DATASETS), "digits | mnist5k | fashion-mnist | npz | synthetic (FedProx Synthetic(alpha, beta), generated per agent)"),
+        "dataset": Key("digits", (str,), Registered(".data", "LOADERS", also=((".population", "GENERATED"),)),
+                       "{choices} (synthetic: FedProx Synthetic(alpha, beta), generated per agent)"),
         "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
         "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
         "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
-        "partition": Key("shards", (str,), _one_of(PARTITIONS), "shards | dirichlet | iid | natural (disjoint) | virtual-shards | virtual-dirichlet (agents drawn on demand, may share samples); not used by synthetic"),
+        "partition": Key("shards", (str,), Registered(".data", "SCHEMES", also=((".population", "VIRTUAL"),)),
+                         "{choices} (virtual-*: agents drawn on demand, may share samples; not used by synthetic)"),
         "classes_per_agent": Key(2, (int,), _positive, "classes per agent for shards"),
         "dirichlet_alpha": Key(0.5, (float, int), _positive, "concentration of the Dirichlet label skew"),
         "test_fraction": Key(0.2, (float,), _fraction, "share of each agent's samples held out for evaluation (synthetic: always 10%)"),
@@ -91,43 +115,43 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "synthetic_max_samples": Key(1000, (int,), _positive, "synthetic: cap on an agent's samples min(int(lognormal(4, 2)) + 50, cap)"),
     },
     "model": {
-        "name": Key("mlp", (str,), _one_of(MODELS), "linear | mlp | cnn"),
+        "name": Key("mlp", (str,), Registered(".models", "MODELS"), "{choices}"),
         "hidden": Key([80, 60], (list,), _hidden, "hidden widths (mlp), fully connected widths (cnn)"),
     },
     "train": {
-        "rounds": Key(100, (int,), _non_negative, "communication rounds in total"),
+        "rounds": Key(100, (int,), _non_negative, "communication rounds in total", resumable=True),
         "agents_per_round": Key(10, (int,), _positive, "agents sampled per round (the cohort)"),
         "local_steps": Key(10, (int,), _positive, "τ: local meta-steps per round"),
         "nu": Key(1, (int,), _non_negative, "ν: fine-tuning steps inside the meta-objective (0 = FedAvg)"),
         "alpha": Key(0.01, (float, int), _positive, "α: fine-tuning step size"),
         "beta": Key(0.001, (float, int), _positive, "β: meta step size"),
         "batch_size": Key(32, (int, str), _batch, 'samples per batch, or "full" (each agent\'s whole training split)'),
-        "metagrad": Key("exact", (str,), _one_of(METAGRADS), "exact | fo | hf"),
+        "metagrad": Key("exact", (str,), Registered(".metagrad", "METHODS"), "{choices}"),
         "hf_delta": Key(1e-3, (float,), _positive, "δ of the Hessian-free finite difference"),
         "weighting": Key("uniform", (str,), _one_of(("uniform", "samples")), "uniform | samples: weights of the average"),
-        "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches"),
+        "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches", experiment=False),
         "dtype": Key("float32", (str,), _one_of(("float32", "float64")), "float32 | float64"),
-        "strategy": Key("vmap", (str,), _one_of(STRATEGIES), "vmap | chunked | loop | auto (time each at start-up, keep the fastest within memory_budget)"),
-        "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked"),
-        "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)"),
-        "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)"),
-        "compile": Key(False, (bool,), None, "run the vmap strategies through torch.compile (falls back to eager where it fails)"),
-        "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU"),
-        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)"),
+        "strategy": Key("vmap", (str,), Registered(".metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
+        "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked", **_RUN_ONLY),
+        "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)", **_RUN_ONLY),
+        "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),
+        "compile": Key(False, (bool,), None, "run the vmap strategies through torch.compile (falls back to eager where it fails)", **_RUN_ONLY),
+        "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU", **_RUN_ONLY),
+        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)", **_RUN_ONLY),
     },
     "eval": {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),
         "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
         "agents": Key("all", (int, str), _agents, 'training agents evaluated: "all" or a fixed random subset of this size'),
         "holdout_agents": Key("all", (int, str), _agents, 'holdout agents evaluated: "all" or a fixed random subset of this size'),
-        "chunk": Key(256, (int,), _positive, "agents per batched evaluation call"),
+        "chunk": Key(256, (int,), _positive, "agents per batched evaluation call", **_RUN_ONLY),
         "stationarity": Key(False, (bool,), None, "also compute F(w) and ||grad F(w)||^2 on full local data, exact meta-gradient (costly)"),
     },
     "output": {
-        "dir": Key("runs/default", (str,), None, "output directory"),
-        "checkpoint_every": Key(10, (int,), _positive, "checkpoint every this many rounds (and round 0 and the end)"),
-        "keep": Key(3, (int,), _positive, "checkpoints kept besides round 0"),
-        "progress_every": Key(0, (int,), _non_negative, "print a progress line every this many rounds in batch jobs (0 = about 20 lines a run)"),
+        "dir": Key("runs/default", (str,), None, "output directory", **_RUN_ONLY),
+        "checkpoint_every": Key(10, (int,), _positive, "checkpoint every this many rounds (and round 0 and the end)", **_RUN_ONLY),
+        "keep": Key(3, (int,), _positive, "checkpoints kept besides round 0", **_RUN_ONLY),
+        "progress_every": Key(0, (int,), _non_negative, "print a progress line every this many rounds in batch jobs (0 = about 20 lines a run)", **_RUN_ONLY),
     },
 }
 
@@ -205,7 +229,8 @@ def validate(raw: dict) -> Config:
         raise ConfigError(f"data.path = {d['path']!r}: file not found")
     if d["dataset"] == "fashion-mnist" and d["path"] and not os.path.isdir(d["path"]):
         raise ConfigError(f"data.path = {d['path']!r}: directory not found")
-    generated = d["dataset"] == "synthetic" or d["partition"].startswith("virtual-")
+    population = importlib.import_module(".population", __package__)
+    generated = d["dataset"] in population.GENERATED or d["partition"] in population.VIRTUAL
     if d["num_agents"] > MAX_AGENTS:
         raise ConfigError(f"data.num_agents = {d['num_agents']} exceeds {MAX_AGENTS} (agent ids are 32-bit counters)")
     if d["dataset"] == "synthetic":
@@ -213,16 +238,8 @@ def validate(raw: dict) -> Config:
             raise ConfigError(f"data.synthetic_max_samples = {d['synthetic_max_samples']}: an agent needs >= 2 samples (1 train, 1 test)")
         if out["model"]["name"] == "cnn":
             raise ConfigError("model.name = 'cnn' needs images; data.dataset = 'synthetic' has 60 features (use linear or mlp)")
-    elif d["partition"].startswith("virtual-") and d["samples_per_agent"] < 2:
+    elif d["partition"] in population.VIRTUAL and d["samples_per_agent"] < 2:
         raise ConfigError(f"data.samples_per_agent = {d['samples_per_agent']}: a virtual agent needs >= 2 samples (1 train, 1 test)")
-    if generated and d["num_agents"] == 0:
-        raise ConfigError("data.num_agents = 0 (from the file) is only valid with data.partition = 'natural'")
-    if generated:
-        e = out["eval"]
-        for key, n in (("agents", d["num_agents"] - d["holdout_agents"]), ("holdout_agents", d["holdout_agents"])):
-            if e[key] == "all" and n > MAX_EVALUATED:
-                raise ConfigError(f"eval.{key} = 'all' would evaluate {n} generated agents at every evaluation "
-                                  f"(more than {MAX_EVALUATED}); set eval.{key} to a sample size, e.g. 1000")
     if d["num_agents"] == 0 and d["partition"] != "natural":
         raise ConfigError("data.num_agents = 0 (from the file) is only valid with data.partition = 'natural'")
     if d["num_agents"] and d["holdout_agents"] >= d["num_agents"]:
@@ -230,6 +247,12 @@ def validate(raw: dict) -> Config:
     if d["num_agents"] and t["agents_per_round"] > d["num_agents"] - d["holdout_agents"]:
         raise ConfigError(f"train.agents_per_round = {t['agents_per_round']} exceeds the "
                           f"{d['num_agents'] - d['holdout_agents']} training agents (data.num_agents - data.holdout_agents)")
+    if generated:
+        e = out["eval"]
+        for key, n in (("agents", d["num_agents"] - d["holdout_agents"]), ("holdout_agents", d["holdout_agents"])):
+            if e[key] == "all" and n > MAX_EVALUATED:
+                raise ConfigError(f"eval.{key} = 'all' would evaluate {n} generated agents at every evaluation "
+                                  f"(more than {MAX_EVALUATED}); set eval.{key} to a sample size, e.g. 1000")
     if t["metagrad"] == "hf" and t["dtype"] == "float32" and t["hf_delta"] < 1e-5:
         raise ConfigError(f"train.hf_delta = {t['hf_delta']} is below float32 resolution for finite differences; use >= 1e-5 or train.dtype = 'float64'")
     return Config(out)
@@ -281,12 +304,24 @@ def from_json(text: str) -> Config:
     return validate(json.loads(text))
 
 
+def keys_where(flag: str, value: bool = True) -> dict[str, tuple[str, ...]]:
+    """Section → the keys whose ``flag`` ("resumable" or "experiment") equals ``value``."""
+    return {sec: tuple(k for k, key in keys.items() if getattr(key, flag) == value) for sec, keys in SCHEMA.items()}
+
+
+def key_doc(key: Key) -> str:
+    """The key's meaning, with the registered names filled in."""
+    if isinstance(key.check, Registered):
+        return key.doc.format(choices=" | ".join(key.check.names()))
+    return key.doc
+
+
 def describe() -> str:
     """All keys with defaults and meaning, for `mpifedmeta config` and the README."""
     lines = []
     for sec, keys in SCHEMA.items():
         lines.append(f"[{sec}]")
         for k, key in keys.items():
-            lines.append(f"{k} = {json.dumps(key.default)}    # {key.doc}")
+            lines.append(f"{k} = {json.dumps(key.default)}    # {key_doc(key)}")
         lines.append("")
     return "\n".join(lines)

@@ -52,6 +52,11 @@ def init_world() -> World:
     return world
 
 
+def mpi4py_version() -> str:
+    import mpi4py
+    return mpi4py.__version__
+
+
 def mpi_library() -> str:
     MPI = _mpi()
     return " ".join(MPI.Get_library_version().split())[:200]

@@ -8,7 +8,7 @@ import socket
 
 import torch
 
-from . import __version__, dist
+from . import __version__, dist, io
 
 
 def rank_line(world: dist.World) -> str:
@@ -21,14 +21,12 @@ def rank_line(world: dist.World) -> str:
 
 def print_info(world: dist.World) -> None:
     """Gather one line per rank and print them on rank 0 with library versions."""
-    lines = world.comm.gather(rank_line(world), root=0) if world.size > 1 else [rank_line(world)]
+    lines = dist.allgather(world, rank_line(world))
     if not world.is_root:
         return
-    import h5py
-    import mpi4py
     import numpy
     print(f"mpifedmeta {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
-          f"numpy {numpy.__version__}  h5py {h5py.__version__}  mpi4py {mpi4py.__version__}")
+          f"numpy {numpy.__version__}  h5py {io.h5py_version()}  mpi4py {dist.mpi4py_version()}")
     print(f"MPI: {dist.mpi_library()}")
     print(f"ranks: {world.size}   CUDA available: {torch.cuda.is_available()} "
           f"({torch.cuda.device_count()} visible GPUs on rank 0)   CUDA-aware MPI: {dist.cuda_aware()}")

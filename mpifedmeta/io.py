@@ -1,8 +1,10 @@
-"""HDF5 output: metrics.h5 and checkpoints/round_NNNNNN.h5 (layout in docs/hdf5-layout.md).
+"""Output files: metrics.h5 and checkpoints/round_NNNNNN.h5 (layout in docs/hdf5-layout.md).
 
-The only module that imports h5py. Every write is atomic (temporary file in the same directory,
-flush, fsync, rename), so a crash or kill mid-write leaves the previous file intact. Loading
-never unpickles. Only rank 0 calls the writers.
+The only module that imports h5py: the writers, the one reader of metrics.h5 (:func:`read_run`,
+used by report, resume and the tests) and atomic writes of any output file (the report's too).
+Every write is atomic (temporary file in the same directory, flush, fsync, rename), so a crash or
+kill mid-write leaves the previous file intact. Loading never unpickles. Only rank 0 calls the
+writers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 import os
 import re
 import shutil
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable
 
 import h5py
 import numpy as np
@@ -45,17 +48,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, fill: Callable[[h5py.File], None], start_from: str | None = None) -> None:
-    """Write ``path`` atomically: ``fill`` gets an open file (a copy of ``start_from`` when given)."""
+def _replace_atomically(path: str, produce: Callable[[str], None]) -> None:
+    """``produce`` writes a temporary file next to ``path``; fsync it, rename it over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        if start_from is not None:
-            shutil.copyfile(start_from, tmp)
-        with h5py.File(tmp, "r+" if start_from is not None else "w") as f:
-            fill(f)
-            f.flush()
+        produce(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -63,6 +62,29 @@ def atomic_write(path: str, fill: Callable[[h5py.File], None], start_from: str |
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write(path: str, fill: Callable[[h5py.File], None], start_from: str | None = None) -> None:
+    """Write HDF5 ``path`` atomically: ``fill`` gets an open file (a copy of ``start_from`` when given)."""
+
+    def produce(tmp: str) -> None:
+        if start_from is not None:
+            shutil.copyfile(start_from, tmp)
+        with h5py.File(tmp, "r+" if start_from is not None else "w") as f:
+            fill(f)
+            f.flush()
+
+    _replace_atomically(path, produce)
+
+
+def atomic_write_bytes(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write any file atomically (report images, summary.md): ``write`` gets a binary file object."""
+
+    def produce(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            write(fh)
+
+    _replace_atomically(path, produce)
 
 
 def _open_checked(path: str, fmt: str) -> h5py.File:
@@ -77,7 +99,7 @@ def _open_checked(path: str, fmt: str) -> h5py.File:
         got = got.decode()
     if got != fmt:
         f.close()
-        raise OutputError(f"{path}: not an {fmt} file (format attribute is {got!r})")
+        raise OutputError(f"{path}: not an {fmt.replace('.', ' ')} file (format attribute is {got!r})")
     if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
         f.close()
         raise OutputError(f"{path}: format_version {int(f.attrs['format_version'])} is newer than this mpifedmeta supports ({FORMAT_VERSION})")
@@ -236,9 +258,201 @@ def read_table(out_dir: str, group: str) -> dict[str, np.ndarray]:
         return {k: v[()] for k, v in f[group].items()}
 
 
-def read_attrs(path: str) -> dict:
-    with h5py.File(path, "r") as f:
-        return dict(f.attrs)
+# --------------------------------------------------------------------------- the metrics reader
+
+@dataclass
+class RunMetrics:
+    """What one run's ``metrics.h5`` holds, as :func:`read_run` returns it.
+
+    ``R`` evaluation rows, ``K`` fine-tuning step counts, ``A`` evaluated training agents, ``H``
+    holdout agents (possibly 0). Per-agent arrays are kept for the last evaluation row only (the
+    full ``(R, K, A)`` arrays can be large; :func:`read_table` reads everything).
+    """
+
+    out_dir: str
+    path: str
+    config: dict
+    finetune_steps: np.ndarray  # (K,) int64
+    eval_round: np.ndarray  # (R,) int64
+    train_loss_mean: np.ndarray  # (R, K) float64
+    train_acc_mean: np.ndarray  # (R, K)
+    holdout_loss_mean: np.ndarray  # (R, K), NaN when H == 0
+    holdout_acc_mean: np.ndarray  # (R, K)
+    final_train_agent_loss: np.ndarray  # (K, A) at eval_round[-1]; (K, 0) when R == 0
+    final_train_agent_acc: np.ndarray  # (K, A)
+    final_holdout_agent_loss: np.ndarray  # (K, H)
+    final_holdout_agent_acc: np.ndarray  # (K, H)
+    train_agent_ids: np.ndarray  # (A,) int64
+    holdout_agent_ids: np.ndarray  # (H,) int64
+    train: dict[str, np.ndarray]  # 1-D arrays of the `train` group: round, meta_loss, wall_time, ...
+    attrs: dict[str, Any] = field(default_factory=dict)  # other file attributes (strategy, versions, ...)
+    grad_norm_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) ‖∇F(w)‖², NaN when not tracked
+    meta_loss_full: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) F(w) on full local data
+
+    @property
+    def name(self) -> str:
+        """The output directory's name."""
+        return os.path.basename(os.path.normpath(self.out_dir)) or self.out_dir
+
+    @property
+    def num_holdout(self) -> int:
+        return int(self.final_holdout_agent_acc.shape[1])
+
+    @property
+    def has_holdout(self) -> bool:
+        return self.num_holdout > 0 or bool(np.isfinite(self.holdout_acc_mean).any())
+
+    @property
+    def final_eval_round(self) -> int | None:
+        return int(self.eval_round[-1]) if self.eval_round.size else None
+
+    @property
+    def rounds(self) -> int:
+        """Last completed training round (0 if none)."""
+        r = self.train.get("round")
+        if r is not None and r.size:
+            return int(r[-1])
+        return int(self.eval_round.max()) if self.eval_round.size else 0
+
+    @property
+    def wall_time(self) -> float:
+        """Training wall time in seconds at the last completed round (NaN if none)."""
+        w = self.train.get("wall_time")
+        return float(w[-1]) if w is not None and w.size else float("nan")
+
+    def k_index(self, k: int) -> int | None:
+        hits = np.flatnonzero(self.finetune_steps == k)
+        return int(hits[0]) if hits.size else None
+
+
+def _attr_str(value: Any) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return _attr_str(value[()])
+    return str(value)
+
+
+def _plain_attr(value: Any) -> Any:
+    if isinstance(value, (bytes, np.bytes_, str)):
+        return _attr_str(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _Reader:
+    """Checked access to one open metrics.h5: every problem is an OutputError naming the path."""
+
+    def __init__(self, f: h5py.File, path: str):
+        self.f, self.path = f, path
+
+    def bad(self, msg: str) -> OutputError:
+        return OutputError(f"{self.path}: {msg}")
+
+    def dataset(self, group: str, name: str, required: bool = True):
+        obj = self.f[group].get(name) if group in self.f else None
+        if obj is None:
+            if required:
+                raise self.bad(f"missing dataset '{group}/{name}'")
+            return None
+        if not isinstance(obj, h5py.Dataset):
+            raise self.bad(f"'{group}/{name}' is not a dataset")
+        return obj
+
+    def config(self) -> dict:
+        if "config" not in self.f.attrs:
+            raise self.bad("missing attribute 'config'")
+        try:
+            config = json.loads(_attr_str(self.f.attrs["config"]))
+        except ValueError as e:
+            raise self.bad(f"attribute 'config' is not valid JSON ({_one_line(e)})") from None
+        if not isinstance(config, dict):
+            raise self.bad("attribute 'config' is not a JSON object")
+        return config
+
+    def train(self) -> dict[str, np.ndarray]:
+        """The 1-D datasets of group 'train' (equal lengths; round, meta_loss and wall_time required)."""
+        if not isinstance(self.f.get("train"), h5py.Group):
+            raise self.bad("missing group 'train'")
+        train = {n: d[:] for n, d in self.f["train"].items() if isinstance(d, h5py.Dataset) and d.ndim == 1}
+        for name in ("round", "meta_loss", "wall_time"):
+            if name not in train:
+                raise self.bad(f"missing dataset 'train/{name}'")
+        lengths = {len(v) for v in train.values()}
+        if len(lengths) != 1:
+            raise self.bad(f"datasets of group 'train' have different lengths {sorted(lengths)}")
+        return train
+
+    def rows(self, name: str, shape: tuple) -> np.ndarray:
+        """eval/<name> as float64 of ``shape``; NaN when an optional (holdout, stationarity) set is absent."""
+        d = self.dataset("eval", name, required=name.startswith("train"))
+        arr = np.full(shape, np.nan) if d is None else np.asarray(d[:], dtype=np.float64)
+        if arr.shape != shape:
+            raise self.bad(f"'eval/{name}' has shape {arr.shape}, expected {shape}")
+        return arr
+
+    def ids(self, name: str) -> np.ndarray:
+        d = self.dataset("eval", name, required=name.startswith("train"))
+        return np.zeros(0, np.int64) if d is None else d[:].astype(np.int64).reshape(-1)
+
+    def last_row(self, name: str, R: int, K: int, n: int) -> np.ndarray:
+        """The (K, n) per-agent values of the last evaluation row of eval/<name>."""
+        d = self.dataset("eval", name, required=name.startswith("train"))
+        if d is None:
+            return np.zeros((K, n), np.float64)
+        if d.ndim != 3 or d.shape[0] != R or d.shape[1] != K:
+            raise self.bad(f"'eval/{name}' has shape {d.shape}, expected {(R, K, n)}")
+        return np.asarray(d[R - 1], dtype=np.float64) if R else np.zeros((K, d.shape[2]), np.float64)
+
+    def run(self, out_dir: str) -> RunMetrics:
+        config, train = self.config(), self.train()
+        if not isinstance(self.f.get("eval"), h5py.Group):
+            raise self.bad("missing group 'eval'")
+        if "finetune_steps" not in self.f["eval"].attrs:
+            raise self.bad("missing attribute 'eval.finetune_steps'")
+        ks = np.atleast_1d(np.asarray(self.f["eval"].attrs["finetune_steps"])).astype(np.int64)
+        rounds = self.dataset("eval", "round")[:].astype(np.int64)
+        if rounds.ndim != 1:
+            raise self.bad("'eval/round' is not 1-D")
+        R, K = rounds.size, ks.size
+        train_ids, holdout_ids = self.ids("train_agent_ids"), self.ids("holdout_agent_ids")
+        sizes = {"train": train_ids.size, "holdout": holdout_ids.size}
+        return RunMetrics(
+            out_dir=out_dir, path=self.path, config=config, finetune_steps=ks, eval_round=rounds,
+            **{name: self.rows(name, (R, K)) for name in EVAL_MEANS},
+            **{f"final_{name}": self.last_row(name, R, K, sizes[name.split("_")[0]]) for name in EVAL_AGENTS},
+            train_agent_ids=train_ids, holdout_agent_ids=holdout_ids, train=train,
+            attrs={k: _plain_attr(v) for k, v in self.f.attrs.items() if k not in ("format", "config")},
+            **{name: self.rows(name, (R,)) for name in EVAL_SCALARS})
+
+
+def read_run(out_dir: str) -> RunMetrics:
+    """Read ``out_dir/metrics.h5`` (or that .h5 file itself) into a :class:`RunMetrics`.
+
+    Raises :class:`OutputError` (one line naming the file) for a missing, truncated, non-HDF5 or
+    foreign file, or one that does not follow the layout. Holdout and stationarity datasets are
+    optional (NaN when absent), so files of older versions still read.
+    """
+    is_file = os.path.isfile(out_dir) and out_dir.endswith((".h5", ".hdf5"))
+    path = out_dir if is_file else metrics_path(out_dir)
+    with _open_checked(path, METRICS_FORMAT) as f:
+        try:
+            return _Reader(f, path).run(out_dir)
+        except OutputError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:   # truncated / corrupt contents
+            raise OutputError(f"{path}: cannot read ({_one_line(e)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def h5py_version() -> str:
+    return h5py.__version__
 
 
 def config_json_equal(a: str, b: str, ignore: dict[str, tuple[str, ...]] | None = None) -> list[str]:

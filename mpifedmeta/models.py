@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
-
-MODEL_NAMES = ("linear", "mlp", "cnn")
 
 
 class Linear(nn.Module):
@@ -67,19 +66,31 @@ class CNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+def _build_linear(in_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] | None) -> nn.Module:
+    return Linear(int(math.prod(in_shape)), num_classes)
+
+
+def _build_mlp(in_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] | None) -> nn.Module:
+    return MLP(int(math.prod(in_shape)), num_classes, tuple(hidden) if hidden is not None else (80, 60))
+
+
+def _build_cnn(in_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] | None) -> nn.Module:
+    if len(in_shape) != 3:
+        raise ValueError(f"model.name = 'cnn' needs image inputs (C, H, W), got feature shape {tuple(in_shape)}")
+    return CNN(tuple(in_shape), num_classes, tuple(hidden) if hidden is not None else (128,))
+
+
+Builder = Callable[[tuple, int, "tuple[int, ...] | None"], nn.Module]
+#: Model name → builder(in_shape, num_classes, hidden). Adding a model = one builder + one entry here.
+MODELS: dict[str, Builder] = {"linear": _build_linear, "mlp": _build_mlp, "cnn": _build_cnn}
+
+
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int,
                 hidden: tuple[int, ...] | None = None) -> nn.Module:
     """Build the model ``name`` for inputs of shape ``in_shape`` (without the batch dimension)."""
-    in_features = int(math.prod(in_shape))
-    if name == "linear":
-        return Linear(in_features, num_classes)
-    if name == "mlp":
-        return MLP(in_features, num_classes, tuple(hidden) if hidden is not None else (80, 60))
-    if name == "cnn":
-        if len(in_shape) != 3:
-            raise ValueError(f"model.name = 'cnn' needs image inputs (C, H, W), got feature shape {tuple(in_shape)}")
-        return CNN(tuple(in_shape), num_classes, tuple(hidden) if hidden is not None else (128,))
-    raise ValueError(f"model.name = {name!r} is not one of {', '.join(MODEL_NAMES)}")
+    if name not in MODELS:
+        raise ValueError(f"model.name = {name!r} is not one of {', '.join(MODELS)}")
+    return MODELS[name](tuple(in_shape), num_classes, hidden)
 
 
 def param_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -124,17 +124,33 @@ class CohortCounts:
         return self.population.counts(np.atleast_1d(np.asarray(ids, dtype=np.int64)))[0]
 
 
-def make_population(data, seed: int):
-    """The population of the ``[data]`` config section (``data``: a config Section); DataError if impossible."""
-    if data.dataset == "synthetic":
-        spec = synth.SyntheticSpec(float(data.synthetic_alpha), float(data.synthetic_beta), bool(data.synthetic_iid),
-                                   int(data.synthetic_max_samples), seed)
-        return SyntheticPopulation(spec, data.num_agents)
-    ds = load_dataset(data.dataset, data.path)
-    if data.partition.startswith(VIRTUAL_PREFIX):
-        spec = virt.VirtualSpec(data.partition[len(VIRTUAL_PREFIX):], data.samples_per_agent, data.classes_per_agent,
-                                float(data.dirichlet_alpha), float(data.test_fraction), seed)
+def _synthetic(data, seed: int, dtype: str) -> SyntheticPopulation:
+    spec = synth.SyntheticSpec(float(data.synthetic_alpha), float(data.synthetic_beta), bool(data.synthetic_iid),
+                               int(data.synthetic_max_samples), seed)
+    return SyntheticPopulation(spec, data.num_agents)
+
+
+def _virtual(scheme: str):
+    def build(ds, data, seed: int) -> VirtualPopulation:
+        spec = virt.VirtualSpec(scheme, data.samples_per_agent, data.classes_per_agent, float(data.dirichlet_alpha),
+                                float(data.test_fraction), seed)
         return VirtualPopulation(ds, spec, data.num_agents)
+    return build
+
+
+#: Generated datasets (``data.dataset``): name → builder(data section, seed, dtype) → population.
+GENERATED = {"synthetic": _synthetic}
+#: Virtual partitions of a loaded dataset (``data.partition``): name → builder(ds, data section, seed) → population.
+VIRTUAL = {VIRTUAL_PREFIX + scheme: _virtual(scheme) for scheme in virt.SCHEMES}
+
+
+def make_population(data, seed: int, dtype: str = "float32"):
+    """The population of the ``[data]`` config section (``data``: a config Section); DataError if impossible."""
+    if data.dataset in GENERATED:
+        return GENERATED[data.dataset](data, seed, dtype)
+    ds = load_dataset(data.dataset, data.path, dtype)
+    if data.partition in VIRTUAL:
+        return VIRTUAL[data.partition](ds, data, seed)
     part = make_partition(ds, data.partition, data.num_agents, classes_per_agent=data.classes_per_agent,
                           dirichlet_alpha=data.dirichlet_alpha, test_fraction=data.test_fraction, seed=seed)
     return StoredPopulation(ds, part, data.partition)
@@ -155,4 +171,4 @@ def share(ids: np.ndarray, rank: int, size: int) -> np.ndarray:
 
 
 __all__ = ["StoredPopulation", "SyntheticPopulation", "VirtualPopulation", "CohortCounts", "make_population",
-           "widths", "share", "DataError"]
+           "GENERATED", "VIRTUAL", "widths", "share", "DataError"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -17,25 +16,20 @@ import numpy as np
 import torch
 
 from . import __version__, algorithm, dist, exactsum, io, metagrad, population, rng, signals
-from .config import Config, ConfigError, from_json
+from .config import Config, ConfigError, from_json, keys_where
+from .console import Progress, final_table, say
 from .data import DataError
-from .models import build_model, flatten, param_dict, unflatten
+from .models import build_model, param_dict
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED = 0, 1, 2, 3, 4
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = {"train": ("rounds", "threads", "device", "strategy", "chunk", "memory_budget", "compile", "recompute"),
-                  "eval": ("chunk",), "output": ("checkpoint_every", "keep", "progress_every", "dir")}
+# Keys that may change between a run and its resumption (flagged in config.SCHEMA).
+RESUMABLE_KEYS = keys_where("resumable")
 
 
 class BadInput(RuntimeError):
     """Bad configuration, files or flags: one line, exit code 2 on every rank."""
 
 
-
-
-def say(world, *args, err: bool = False) -> None:
-    if world.is_root:
-        print(*args, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 @dataclass
@@ -64,7 +58,7 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     try:
         device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-        pop = population.make_population(cfg.data, cfg.train.seed)
+        pop = population.make_population(cfg.data, cfg.train.seed, cfg.train.dtype)
         N = pop.num_agents
         H = cfg.data.holdout_agents
         if H >= N:
@@ -214,117 +208,104 @@ def _params_numpy(params: dict) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in params.items()}
 
 
-class Progress:
-    """A tqdm bar on an interactive terminal; plain periodic lines in batch jobs (rank 0 only)."""
+class _MetricsBuffer:
+    """Rows of metrics.h5 not yet written; rank 0 appends them at each evaluation and checkpoint."""
 
-    def __init__(self, world, start: int, total: int, every: int):
-        self.bar, self.lines = None, world.is_root
-        self.every = every or max(1, (total - start) // 20)
-        if world.is_root and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar, self.lines = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True), False
+    def __init__(self, world: dist.World, out_dir: str):
+        self.world, self.out_dir = world, out_dir
+        self.train: list[dict] = []
+        self.eval: list[dict] = []
 
-    def update(self, round_: int, total: int, meta_loss: float, round_time: float, acc: str = "") -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"meta-loss {meta_loss:.4f}{acc}")
-        elif self.lines and (round_ % self.every == 0 or round_ == total):
-            print(f"round {round_}/{total}  meta-loss {meta_loss:.4f}  {round_time:.3f} s/round{acc}", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+    def flush(self) -> None:
+        if self.world.is_root:
+            io.append_metrics(self.out_dir, self.train, self.eval)
+        self.train, self.eval = [], []
 
 
-def final_table(ks: list[int], row: dict) -> str:
-    lines = ["personalized test accuracy after k fine-tuning steps (mean ± std over agents)",
-             f"{'k':>3}  {'training agents':>18}  {'holdout agents':>18}"]
-    for j, k in enumerate(ks):
-        cells = []
-        for name in ("train", "holdout"):
-            a = row[f"{name}_agent_acc"][j]
-            cells.append(f"{100 * a.mean():6.2f}% ± {100 * a.std():5.2f}" if a.size else f"{'–':>18}")
-        lines.append(f"{k:>3}  {cells[0]:>18}  {cells[1]:>18}")
-    return "\n".join(lines)
+def _due(round_: int, every: int, last: int) -> bool:
+    return round_ % every == 0 or round_ == last
+
+
+def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int, int, dict]:
+    """Local round on every rank, then the server step; (params, meta-loss, bad terms, stop, timings)."""
+    cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, s.cfg.train.agents_per_round)
+    weights = algorithm.aggregation_weights(cohort, s.train_counts, s.cfg.train.weighting)
+    limbs, bad = algorithm.local_round(s.loss, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
+    _maybe_inject_failure(s.world, r)
+    stop = 1 if signals.requested() else 0
+    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, limbs, [bad, stop], params)
+    return new_params, meta_loss, bad, stop, timings
+
+
+def _report_divergence(world: dist.World, r: int, bad: int) -> int:
+    say(world, f"mpifedmeta: diverged in round {r}: {bad} non-finite or out-of-range (|value| >= "
+               f"{exactsum.LIMIT:g}) parameter terms; keeping the last good checkpoint. "
+               "Lower train.beta / train.alpha.", err=True)
+    return EXIT_DIVERGED
+
+
+def _report_stop(world: dist.World, r: int, out_dir: str) -> int:
+    say(world, f"mpifedmeta: {_now()} stop requested ({signals.requested() or 'signal on another rank'}); "
+               f"checkpoint of round {r} written to {out_dir}; continue with `mpifedmeta resume {out_dir}` "
+               f"(exit code {EXIT_STOPPED})", err=True)
+    return EXIT_STOPPED
+
+
+def _checkpoint(s: Setup, out_dir: str, r: int, params: dict, wall: float) -> None:
+    if s.world.is_root:
+        io.write_checkpoint(out_dir, r, _params_numpy(params), s.cfg.to_json(), _ckpt_attrs(s, wall),
+                            s.cfg.output.keep)
+    dist.barrier(s.world)
+
+
+def _finish(s: Setup, out_dir: str, last_eval: dict | None, wall: float) -> None:
+    """Rank 0: the final accuracy table and the closing line."""
+    if not s.world.is_root:
+        return
+    if last_eval is None:
+        last_eval = _last_eval_row(out_dir)
+    if last_eval is not None:
+        print(final_table(list(s.cfg.eval.finetune_steps), last_eval), flush=True)
+    print(f"done: {s.cfg.train.rounds} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
 
 
 def train(s: Setup, out_dir: str, params: dict, start_round: int, wall0: float) -> int:
     """Rounds start_round+1 .. cfg.train.rounds; returns the exit code (0, 3 stopped, 4 diverged)."""
-    cfg, world = s.cfg, s.world
-    R, K = cfg.train.rounds, cfg.train.agents_per_round
-    like = {k: v for k, v in params.items()}
-    d = sum(v.numel() for v in params.values())
-    pending_train: list[dict] = []
-    pending_eval: list[dict] = []
-    progress = Progress(world, start_round, R, cfg.output.progress_every)
-    last_eval: dict | None = None
-    wall = wall0
-    code = EXIT_OK
-    r = start_round
+    cfg, R = s.cfg, s.cfg.train.rounds
+    metrics = _MetricsBuffer(s.world, out_dir)
+    progress = Progress(s.world, start_round, R, cfg.output.progress_every)
+    last_eval, wall, code = None, wall0, EXIT_OK
     try:
-        while r < R:
-            r += 1
+        for r in range(start_round + 1, R + 1):
             t0 = time.perf_counter()
-            cohort = rng.cohort(cfg.train.seed, r, s.num_train, K)
-            weights = algorithm.aggregation_weights(cohort, s.train_counts, cfg.train.weighting)
-            limbs, bad = algorithm.local_round(s.loss, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
-            _maybe_inject_failure(world, r)
-            stop = 1 if signals.requested() else 0
-            flags = torch.tensor([bad, stop], dtype=torch.int64, device=limbs.device)
-            t1 = time.perf_counter()
-            buf = dist.allreduce_tensor(world, torch.cat([limbs.reshape(-1), flags]))
-            t_ar = time.perf_counter() - t1
-            bad, stop = int(buf[-2]), int(buf[-1])
+            new_params, meta_loss, bad, stop, timings = _run_round(s, params, r)
             if bad:
-                code = EXIT_DIVERGED
-                say(world, f"mpifedmeta: diverged in round {r}: {bad} non-finite or out-of-range (|value| >= "
-                           f"{exactsum.LIMIT:g}) parameter terms; keeping the last good checkpoint. "
-                           "Lower train.beta / train.alpha.", err=True)
-                r -= 1
+                code = _report_divergence(s.world, r, bad)
                 break
-            total = exactsum.decode(buf[:-2].reshape(2, d + 1))
-            flat = torch.as_tensor(total[:d], dtype=s.dtype, device=s.device)
-            params = unflatten(flat, like)
-            wall += time.perf_counter() - t0
+            params = new_params
             round_time = time.perf_counter() - t0
-            pending_train.append({"round": r, "meta_loss": float(total[d]), "wall_time": wall,
-                                  "round_time": round_time, "allreduce_time": t_ar,
-                                  "bytes_allreduced": buf.nbytes, "num_sampled": K})
-            is_eval = r % cfg.eval.every == 0 or r == R
-            is_ckpt = r % cfg.output.checkpoint_every == 0 or r == R or bool(stop)
-            if is_eval:
+            wall += round_time
+            metrics.train.append({"round": r, "meta_loss": meta_loss, "wall_time": wall, "round_time": round_time,
+                                  "num_sampled": cfg.train.agents_per_round, **timings})
+            evaluated = _due(r, cfg.eval.every, R)
+            if evaluated:
                 last_eval = evaluate(s, params, r)
-                if world.is_root:
-                    pending_eval.append(last_eval)
-            acc = ""
-            if last_eval is not None and is_eval:
-                acc = "  acc@k " + " ".join(f"{100 * a:.1f}" for a in last_eval["train_acc_mean"])
-            progress.update(r, R, float(total[d]), round_time, acc)
-            if is_ckpt or is_eval:
-                if world.is_root:   # metrics first: a crash in between leaves rows the resume truncates
-                    io.append_metrics(out_dir, pending_train, pending_eval)
-                pending_train, pending_eval = [], []
-            if is_ckpt:
-                if world.is_root:
-                    io.write_checkpoint(out_dir, r, _params_numpy(params), cfg.to_json(),
-                                        _ckpt_attrs(s, wall), cfg.output.keep)
-                dist.barrier(world)
+                if s.world.is_root:
+                    metrics.eval.append(last_eval)
+            progress.update(r, R, meta_loss, round_time, last_eval if evaluated else None)
+            checkpointed = _due(r, cfg.output.checkpoint_every, R) or bool(stop)
+            if checkpointed or evaluated:
+                metrics.flush()     # metrics first: a crash in between leaves rows the resume truncates
+            if checkpointed:
+                _checkpoint(s, out_dir, r, params, wall)
             if stop and r < R:
-                code = EXIT_STOPPED
-                say(world, f"mpifedmeta: {_now()} stop requested ({signals.requested() or 'signal on another rank'}); "
-                           f"checkpoint of round {r} written to {out_dir}; continue with `mpifedmeta resume {out_dir}` "
-                           f"(exit code {EXIT_STOPPED})", err=True)
+                code = _report_stop(s.world, r, out_dir)
                 break
     finally:
         progress.close()
-    if world.is_root and (pending_train or pending_eval):
-        io.append_metrics(out_dir, pending_train, pending_eval)
-    if code == EXIT_OK and world.is_root:
-        if last_eval is None:
-            last_eval = _last_eval_row(out_dir)
-        if last_eval is not None:
-            print(final_table(list(cfg.eval.finetune_steps), last_eval), flush=True)
-        print(f"done: {R} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
+    metrics.flush()
+    if code == EXIT_OK:
+        _finish(s, out_dir, last_eval, wall)
     return code
 
 

@@ -313,3 +313,28 @@ def test_with_values_validates():
     assert cfg.train.nu != 3 or SCHEMA["train"]["nu"].default == 3
     with pytest.raises(ConfigError):
         cfg.with_values(train={"nu": -1})
+
+
+# --------------------------------------------------------------------------- registries and key flags
+
+def test_names_come_from_the_registries(monkeypatch):
+    from mpifedmeta import metagrad, models
+    from mpifedmeta.data import loaders, partition
+    for registry, key in ((loaders.LOADERS, "data.dataset"), (partition.SCHEMES, "data.partition"),
+                          (models.MODELS, "model.name"), (metagrad.METHODS, "train.metagrad")):
+        assert f"must be one of {', '.join(registry)}" in config_error(SMALL + [f"{key}=nope"])
+    assert "must be one of auto, " + ", ".join(metagrad.STRATEGIES) in config_error(SMALL + ["train.strategy=nope"])
+    # a new registration is accepted without touching config.py, and `mpifedmeta config` lists it
+    monkeypatch.setitem(models.MODELS, "tiny", models.MODELS["linear"])
+    assert load(None, SMALL + ["model.name=tiny"]).model.name == "tiny"
+    assert "linear | mlp | cnn | tiny" in config.describe()
+
+
+def test_key_flags():
+    run_only = {"train": ("strategy", "chunk", "memory_budget", "recompute", "compile", "device", "threads"),
+                "eval": ("chunk",), "output": ("dir", "checkpoint_every", "keep", "progress_every")}
+    resumable = config.keys_where("resumable")
+    not_experiment = config.keys_where("experiment", False)
+    for sec in SCHEMA:
+        assert set(resumable[sec]) == set(run_only.get(sec, ())) | ({"rounds"} if sec == "train" else set()), sec
+        assert set(not_experiment[sec]) == set(run_only.get(sec, ())) | ({"seed"} if sec == "train" else set()), sec

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpifedmeta import config, metagrad, runner, sweep
+from mpifedmeta import config, io, metagrad, runner, sweep
 from mpifedmeta.dist import World
 from mpifedmeta.report import experiment_groups, load_run, make_report
 
@@ -77,18 +77,18 @@ def test_stationarity_matches_a_direct_per_agent_computation(tmp_path):
         grads.append(torch.cat([t.reshape(-1) for t in g.values()]))
         values.append(float(v))
     full = torch.stack(grads).mean(0)
-    with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
-        gn, F = f["eval/grad_norm_sq"][-1], f["eval/meta_loss_full"][-1]
-        assert np.isfinite(f["eval/grad_norm_sq"][()]).all()
+    run = io.read_run(out)
+    gn, F = run.grad_norm_sq[-1], run.meta_loss_full[-1]
+    assert np.isfinite(run.grad_norm_sq).all()
     assert gn == pytest.approx(float(full @ full), rel=1e-9)
     assert F == pytest.approx(np.mean(values), rel=1e-12)
 
 
 def test_no_holdout_agents(tmp_path):
     out = run_inprocess(tmp_path, "noho", ["data.holdout_agents=0"])
-    with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
-        assert f["eval/holdout_agent_acc"].shape == (2, 2, 0)
-        assert np.isnan(f["eval/holdout_acc_mean"][()]).all()
+    ev = io.read_table(out, "eval")
+    assert ev["holdout_agent_acc"].shape == (2, 2, 0)
+    assert np.isnan(ev["holdout_acc_mean"]).all()
 
 
 def test_sweep_plan_names_and_values():

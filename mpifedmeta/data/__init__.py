@@ -1,6 +1,6 @@
 """Datasets and federated partitions (pure numpy)."""
 
-from .loaders import DATASET_NAMES, DataError, Dataset, load_dataset
+from .loaders import LOADERS, DataError, Dataset, load_dataset
 from .partition import SCHEMES, Partition, make_partition
 
 __all__ = [
@@ -9,6 +9,6 @@ __all__ = [
     "load_dataset",
     "Partition",
     "make_partition",
-    "DATASET_NAMES",
+    "LOADERS",
     "SCHEMES",
 ]

@@ -1,8 +1,11 @@
 """Dataset loaders (pure numpy).
 
-Every loader returns a :class:`Dataset` with float32 features and int64 labels.
-Every problem with the input (missing file, bad format, bad key, bad value)
-raises :class:`DataError` with a one-line message naming the file/key/value.
+Every loader is registered in :data:`LOADERS` (name → ``loader(path, dtype)``) and returns a
+:class:`Dataset` with int64 labels and floating features of at most the run's precision
+``dtype``: the built-in image datasets are float32; npz features keep their own precision up
+to ``dtype`` (a float64 run sees float64 values exactly). Every problem with the input
+(missing file, bad format, bad key, bad value) raises :class:`DataError` with a one-line
+message naming the file/key/value.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import importlib.util
 import os
 import zipfile
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "load_dataset", "DATASET_NAMES", "FASHION_MNIST_DIR"]
+__all__ = ["DataError", "Dataset", "load_dataset", "LOADERS", "FASHION_MNIST_DIR"]
 
-DATASET_NAMES = ("digits", "mnist5k", "fashion-mnist", "npz")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 _IDX_IMAGES_MAGIC = 0x00000803  # 2051: unsigned byte, 3 dimensions
@@ -32,7 +35,7 @@ class DataError(ValueError):
 class Dataset:
     """A labelled dataset held in memory.
 
-    x: float32 features, images as (n, 1, H, W), tabular as (n, D).
+    x: float32 or float64 features, images as (n, 1, H, W), tabular as (n, D).
     y: int64 labels in 0..num_classes-1, shape (n,).
     agent: (n,) int64 natural agent id (npz only), else None.
     test: (n,) bool, True = held-out sample of its agent (npz only), else None.
@@ -50,7 +53,7 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------- digits
-def _load_digits() -> Dataset:
+def _load_digits(path: str, dtype: np.dtype) -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - sklearn is a dependency
@@ -73,7 +76,7 @@ def _mnist5k_default_path() -> str:
     return os.path.join(locs[0], "data", "data", "mnist_5k.csv.gz")
 
 
-def _load_mnist5k(path: str) -> Dataset:
+def _load_mnist5k(path: str, dtype: np.dtype) -> Dataset:
     default = not path
     fname = _mnist5k_default_path() if default else path
     if not os.path.isfile(fname):
@@ -139,7 +142,7 @@ def _parse_idx_labels(fname: str, buf: bytes) -> np.ndarray:
     return lab
 
 
-def _load_fashion_mnist(path: str) -> Dataset:
+def _load_fashion_mnist(path: str, dtype: np.dtype) -> Dataset:
     directory = path or FASHION_MNIST_DIR
     if not os.path.isdir(directory):
         raise DataError(
@@ -169,7 +172,14 @@ def _load_fashion_mnist(path: str) -> Dataset:
 
 
 # --------------------------------------------------------------------------- npz
-def _load_npz(path: str) -> Dataset:
+def _npz_feature_dtype(x: np.ndarray, run_dtype: np.dtype) -> np.dtype:
+    """The file's own precision (at least float32), capped at the run's: int8/16, float16 and
+    float32 → float32; float64 and int32/64 → float64 in a float64 run, float32 otherwise."""
+    return np.dtype(np.float32) if run_dtype == np.float32 else np.promote_types(x.dtype, np.float32)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an npz archive (x and y required; agent and test when present)."""
     if not path:
         raise DataError("npz: no file given; pass the .npz file as path")
     if not os.path.isfile(path):
@@ -182,42 +192,43 @@ def _load_npz(path: str) -> Dataset:
         raise DataError(f"npz: {path} is a single .npy array, expected an .npz archive with keys 'x' and 'y'")
     with f:
         keys = set(f.files)
-
-        def get(key: str) -> np.ndarray:
-            try:
-                return np.asarray(f[key])
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-                raise DataError(f"npz: {path} key '{key}' cannot be read (object arrays are not allowed): {_oneline(e)}") from None
-
         for key in ("x", "y"):
             if key not in keys:
                 raise DataError(f"npz: {path} is missing required key '{key}' (found keys: {sorted(keys)})")
-        x = get("x")
-        y = get("y")
-        agent = get("agent") if "agent" in keys else None
-        test = get("test") if "test" in keys else None
+        arrays = {}
+        for key in ("x", "y", "agent", "test"):
+            try:
+                arrays[key] = np.asarray(f[key]) if key in keys else None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"npz: {path} key '{key}' cannot be read (object arrays are not allowed): {_oneline(e)}") from None
+    return arrays
 
-    # x
+
+def _npz_features(path: str, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if x.ndim < 2:
         raise DataError(f"npz: {path} key 'x' must have shape (n, ...) with at least 2 dims, got {x.shape} (use x.reshape(-1, 1))")
     if x.dtype.kind not in "biuf":
         raise DataError(f"npz: {path} key 'x' must be numeric, got dtype {x.dtype}")
-    n = x.shape[0]
-    if n == 0:
+    if x.shape[0] == 0:
         raise DataError(f"npz: {path} key 'x' has no samples")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=_npz_feature_dtype(x, dtype))
     if not np.all(np.isfinite(x)):
-        raise DataError(f"npz: {path} key 'x' contains NaN or inf (or values too large for float32)")
-    # y
+        raise DataError(f"npz: {path} key 'x' contains NaN or inf (or values too large for {x.dtype})")
+    return x
+
+
+def _npz_labels(path: str, y: np.ndarray, n: int) -> np.ndarray:
     if y.ndim != 1 or y.shape[0] != n:
         raise DataError(f"npz: {path} key 'y' must have shape ({n},) to match 'x', got {y.shape}")
     if y.dtype.kind not in "iu":
         raise DataError(f"npz: {path} key 'y' must have an integer dtype, got {y.dtype}")
     if y.min() < 0:
         raise DataError(f"npz: {path} key 'y' contains negative label {int(y.min())}")
-    y = y.astype(np.int64)
-    num_classes = int(y.max()) + 1
-    # agent / test
+    return y.astype(np.int64)
+
+
+def _npz_agents(path: str, agent: np.ndarray | None, test: np.ndarray | None, n: int):
+    """The optional natural agent ids (int64) and held-out marks (bool)."""
     if agent is not None:
         if agent.ndim != 1 or agent.shape[0] != n:
             raise DataError(f"npz: {path} key 'agent' must have shape ({n},) to match 'x', got {agent.shape}")
@@ -231,14 +242,19 @@ def _load_npz(path: str) -> Dataset:
             raise DataError(f"npz: {path} key 'test' is only allowed together with key 'agent'")
         if test.ndim != 1 or test.shape[0] != n:
             raise DataError(f"npz: {path} key 'test' must have shape ({n},) to match 'x', got {test.shape}")
-        if test.dtype.kind == "b":
-            pass
-        elif test.dtype.kind in "iu" and np.all((test == 0) | (test == 1)):
-            pass
-        else:
+        zero_one = test.dtype.kind in "iu" and np.all((test == 0) | (test == 1))
+        if test.dtype.kind != "b" and not zero_one:
             raise DataError(f"npz: {path} key 'test' must be boolean (or 0/1 integers), got dtype {test.dtype}")
         test = test.astype(bool)
-    return Dataset(x=x, y=y, num_classes=num_classes, name="npz", agent=agent, test=test)
+    return agent, test
+
+
+def _load_npz(path: str, dtype: np.dtype) -> Dataset:
+    a = _read_npz(path)
+    x = _npz_features(path, a["x"], dtype)
+    y = _npz_labels(path, a["y"], x.shape[0])
+    agent, test = _npz_agents(path, a["agent"], a["test"], x.shape[0])
+    return Dataset(x=x, y=y, num_classes=int(y.max()) + 1, name="npz", agent=agent, test=test)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -246,15 +262,23 @@ def _oneline(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def load_dataset(name: str, path: str = "") -> Dataset:
-    """Load dataset ``name`` (one of DATASET_NAMES); ``path`` overrides/gives its location."""
-    path = os.fspath(path) if path else ""
-    if name == "digits":
-        return _load_digits()
-    if name == "mnist5k":
-        return _load_mnist5k(path)
-    if name == "fashion-mnist":
-        return _load_fashion_mnist(path)
-    if name == "npz":
-        return _load_npz(path)
-    raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+Loader = Callable[[str, np.dtype], Dataset]
+#: Dataset name → loader(path, dtype). Adding a dataset = one loader function + one entry here.
+LOADERS: dict[str, Loader] = {
+    "digits": _load_digits,
+    "mnist5k": _load_mnist5k,
+    "fashion-mnist": _load_fashion_mnist,
+    "npz": _load_npz,
+}
+
+
+def load_dataset(name: str, path: str = "", dtype: str | np.dtype = np.float32) -> Dataset:
+    """Load dataset ``name`` (a key of LOADERS); ``path`` overrides/gives its location.
+
+    ``dtype`` is the run's floating precision: features are returned in at most that precision
+    (see the module docstring), so a float32 run never holds a float64 copy of the data.
+    """
+    loader = LOADERS.get(name)
+    if loader is None:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(LOADERS)}")
+    return loader(os.fspath(path) if path else "", np.dtype(dtype))

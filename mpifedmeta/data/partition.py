@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -19,7 +20,6 @@ from .loaders import DataError, Dataset
 
 __all__ = ["Partition", "make_partition", "SCHEMES"]
 
-SCHEMES = ("iid", "shards", "dirichlet", "natural")
 _MIN_SAMPLES = 2  # every agent needs >= 1 train and >= 1 test sample
 
 
@@ -247,6 +247,48 @@ def _natural(ds: Dataset, num_agents: int, test_fraction: float, rng: np.random.
     return Partition(train_ptr=train_ptr, train_idx=train_idx, test_ptr=test_ptr, test_idx=test_idx)
 
 
+# --------------------------------------------------------------------------- schemes
+@dataclass(frozen=True)
+class PartitionOptions:
+    """The scheme parameters of :func:`make_partition` (each scheme reads the ones it needs)."""
+    classes_per_agent: int
+    dirichlet_alpha: float
+    test_fraction: float
+
+
+def _labels(ds: Dataset) -> np.ndarray:
+    return np.asarray(ds.y).reshape(-1)
+
+
+def _scheme_iid(ds: Dataset, n_agents: int, o: PartitionOptions, rng: np.random.Generator) -> Partition:
+    return _split(_iid(_labels(ds).shape[0], n_agents, rng), n_agents, o.test_fraction, rng)
+
+
+def _scheme_shards(ds: Dataset, n_agents: int, o: PartitionOptions, rng: np.random.Generator) -> Partition:
+    cpa = _as_int(o.classes_per_agent, "classes_per_agent")
+    agent_of = _shards(_labels(ds), int(ds.num_classes), n_agents, cpa, rng)
+    return _split(agent_of, n_agents, o.test_fraction, rng)
+
+
+def _scheme_dirichlet(ds: Dataset, n_agents: int, o: PartitionOptions, rng: np.random.Generator) -> Partition:
+    agent_of = _dirichlet(_labels(ds), n_agents, o.dirichlet_alpha, rng)
+    return _split(agent_of, n_agents, o.test_fraction, rng)
+
+
+def _scheme_natural(ds: Dataset, n_agents: int, o: PartitionOptions, rng: np.random.Generator) -> Partition:
+    return _natural(ds, n_agents, o.test_fraction, rng)
+
+
+Partitioner = Callable[[Dataset, int, PartitionOptions, np.random.Generator], Partition]
+#: Scheme name → partitioner(ds, num_agents, options, rng). Adding a scheme = one function + one entry.
+SCHEMES: dict[str, Partitioner] = {
+    "iid": _scheme_iid,
+    "shards": _scheme_shards,
+    "dirichlet": _scheme_dirichlet,
+    "natural": _scheme_natural,
+}
+
+
 # --------------------------------------------------------------------------- entry point
 def _as_int(value, what: str) -> int:
     if isinstance(value, (bool, np.bool_)):
@@ -267,7 +309,7 @@ def make_partition(
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> Partition:
-    """Partition ``ds`` over ``num_agents`` agents with ``scheme`` (one of SCHEMES).
+    """Partition ``ds`` over ``num_agents`` agents with ``scheme`` (a key of SCHEMES).
 
     iid: random, as even as possible.  shards: each agent holds exactly ``classes_per_agent``
     distinct classes (balanced over classes), each class split evenly among its holders.
@@ -294,23 +336,12 @@ def make_partition(
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not (dirichlet_alpha > 0.0 and math.isfinite(dirichlet_alpha)):
         raise DataError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
-    y = np.asarray(ds.y).reshape(-1)
-    n = int(y.shape[0])
+    n = int(_labels(ds).shape[0])
     min_agents = 0 if scheme == "natural" else 1
     if num_agents < min_agents:
         zero = " (or 0 for natural = take it from the data)" if scheme == "natural" else ""
         raise DataError(f"num_agents must be >= 1{zero}, got {num_agents}")
     if num_agents > n:
         raise DataError(f"num_agents={num_agents} exceeds the number of samples ({n}) in dataset {ds.name!r}")
-    rng = np.random.default_rng(seed)
-
-    if scheme == "natural":
-        return _natural(ds, num_agents, test_fraction, rng)
-    if scheme == "iid":
-        agent_of = _iid(n, num_agents, rng)
-    elif scheme == "shards":
-        cpa = _as_int(classes_per_agent, "classes_per_agent")
-        agent_of = _shards(y, int(ds.num_classes), num_agents, cpa, rng)
-    else:
-        agent_of = _dirichlet(y, num_agents, dirichlet_alpha, rng)
-    return _split(agent_of, num_agents, test_fraction, rng)
+    opts = PartitionOptions(classes_per_agent, dirichlet_alpha, test_fraction)
+    return SCHEMES[scheme](ds, num_agents, opts, np.random.default_rng(seed))

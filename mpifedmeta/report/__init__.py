@@ -1,0 +1,109 @@
+"""``mpifedmeta report``: plots and a Markdown summary from one or more runs' ``OUT/metrics.h5``.
+
+The files are read by :func:`mpifedmeta.io.read_run` (the one reader of the layout in
+``docs/hdf5-layout.md``); :mod:`.tables` writes the Markdown tables, :mod:`.plots` the images
+(matplotlib is imported only when drawing). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import io
+from ..io import RunMetrics
+from . import plots
+from .tables import experiment_groups, fmt_value, seed_table, summary
+
+__all__ = ["ReportError", "RunMetrics", "load_run", "make_report", "default_label", "experiment_groups",
+           "REPORT_FILES"]
+
+#: File names written by :func:`make_report`, in order.
+REPORT_FILES = ("accuracy.png", "loss.png", "distribution.png", "train_meta_loss.png", "summary.md")
+STATIONARITY_FILE = "stationarity.png"   # written only when some run tracked ‖∇F(w)‖² (eval.stationarity)
+
+
+class ReportError(ValueError):
+    """A run's results cannot be read or reported; the message is one line naming the path."""
+
+
+def load_run(out_dir: str) -> RunMetrics:
+    """Read ``out_dir/metrics.h5`` (or that file itself); a bad file raises :class:`ReportError`."""
+    try:
+        return io.read_run(out_dir)
+    except io.OutputError as e:
+        raise ReportError(str(e)) from None
+
+
+def default_label(run: RunMetrics) -> str:
+    """``nu=<train.nu> <train.metagrad>`` from the run's config (the directory name if absent)."""
+    train = run.config.get("train")
+    parts = []
+    if isinstance(train, dict):
+        if "nu" in train:
+            parts.append(f"nu={fmt_value(train['nu'])}")
+        if train.get("metagrad") not in (None, ""):
+            parts.append(fmt_value(train["metagrad"]))
+    return " ".join(parts) or run.name
+
+
+def _resolve_labels(runs: list[RunMetrics], labels: list[str] | None) -> list[str]:
+    if labels is None:
+        out = [default_label(r) for r in runs]
+    else:
+        labels = list(labels)
+        if len(labels) != len(runs):
+            raise ReportError(f"got {len(labels)} label(s) for {len(runs)} run(s)")
+        out = [str(lab) for lab in labels]
+    dup = {lab for lab in out if out.count(lab) > 1}
+    out = [f"{lab} ({r.name})" if lab in dup else lab for lab, r in zip(out, runs)]
+    dup = {lab for lab in out if out.count(lab) > 1}
+    if dup:  # same directory name under different parents
+        out = [f"{lab} #{i + 1}" if lab in dup else lab for i, lab in enumerate(out)]
+    return out
+
+
+def _draw(runs: list[RunMetrics], labels: list[str], ks: list[int], dest: str) -> list[str]:
+    """Every image into ``dest``; returns their file names."""
+    colors = plots.run_colors(len(runs))
+    acc, loss, dist, meta = REPORT_FILES[:4]
+    plots.curves_plot(runs, labels, colors, ks, "acc", os.path.join(dest, acc))
+    plots.curves_plot(runs, labels, colors, ks, "loss", os.path.join(dest, loss))
+    plots.distribution_plot(runs, labels, colors, ks, os.path.join(dest, dist))
+    plots.meta_loss_plot(runs, labels, colors, os.path.join(dest, meta))
+    images = [acc, loss, dist, meta]
+    if any(np.isfinite(r.grad_norm_sq).any() for r in runs):
+        plots.stationarity_plot(runs, labels, colors, os.path.join(dest, STATIONARITY_FILE))
+        images.append(STATIONARITY_FILE)
+    return images
+
+
+def make_report(out_dirs: list[str], dest: str, labels: list[str] | None = None) -> list[str]:
+    """Write ``accuracy.png``, ``loss.png``, ``distribution.png``, ``train_meta_loss.png`` and
+    ``summary.md`` for the runs in ``out_dirs`` into ``dest`` (created). Returns the written paths.
+
+    ``labels`` (one per run) replaces the default labels (``nu=<nu> <metagrad>``);
+    colliding labels get the run's directory name appended.
+    """
+    if isinstance(out_dirs, (str, os.PathLike)):
+        out_dirs = [out_dirs]
+    out_dirs = [os.fspath(d) for d in out_dirs]
+    if not out_dirs:
+        raise ReportError("no runs given")
+    runs = [load_run(d) for d in out_dirs]
+    labels = _resolve_labels(runs, labels)
+    ks = sorted({int(k) for r in runs for k in r.finetune_steps})
+    dest = os.fspath(dest)
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"{dest}: cannot create output directory ({' '.join(str(e).split())})") from None
+    images = _draw(runs, labels, ks, dest)
+    text = summary(runs, labels, ks, images)
+    groups = experiment_groups(runs)
+    if any(len(members) > 1 for _, members in groups):
+        text = text.replace("\n## Runs\n", "\n" + seed_table(groups, ks) + "\n## Runs\n", 1)
+    summary_path = os.path.join(dest, REPORT_FILES[4])
+    io.atomic_write_bytes(summary_path, lambda fh: fh.write(text.encode("utf-8")))
+    return [os.path.join(dest, name) for name in images] + [summary_path]
