@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from .. import io
-from ..io import RunMetrics
+from ..results import RunMetrics
 from . import plots
 from .tables import experiment_groups, fmt_value, seed_table, summary
 
