@@ -186,6 +186,101 @@ def rel_err(a: dict, b: dict) -> float:
     return float((fa - fb).norm() / fb.norm().clamp_min(1e-30))
 
 
+# --------------------------------------------------------------------------- the engine's backends
+class Unavailable(Exception):
+    """This engine cannot run the requested variant (the message says why, one line)."""
+
+
+def engine_strategies() -> tuple[str, ...]:
+    """The engine's backends by name (``train.strategy`` without ``auto``), as this engine defines them."""
+    names = getattr(metagrad, "STRATEGIES", None)
+    if names is None:                         # older engines listed them in config
+        from mpifedmeta import config
+        names = tuple(s for s in getattr(config, "STRATEGIES", ("vmap", "chunked", "loop")) if s != "auto")
+    return tuple(names)
+
+
+def backend_api() -> bool:
+    """True for the engine whose meta-gradients take a backend object and a MetaSpec."""
+    return hasattr(metagrad, "MetaSpec")
+
+
+def _backend(p: "Problem", strategy: str, chunk: int):
+    from mpifedmeta import backends
+    try:
+        return backends.make(p.model, strategy, chunk)
+    except ValueError as e:
+        raise Unavailable(str(e).splitlines()[0]) from None
+
+
+def engine_block(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3,
+                 recompute: bool = False, unrolled: bool = False):
+    """A no-argument callable: one ``block_meta_gradients`` call of the engine on ``p`` with backend
+    ``strategy``, whichever engine API this checkout has. Raises Unavailable if it cannot run."""
+    if strategy not in engine_strategies():
+        raise Unavailable(f"this engine has no strategy {strategy!r} (it has {', '.join(engine_strategies())})")
+    if backend_api():
+        if unrolled:
+            return lambda: metagrad.block_meta_gradients_unrolled(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha)
+        be = _backend(p, strategy, chunk)
+        meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta, recompute)
+        return lambda: metagrad.block_meta_gradients(be, p.params, p.X, p.Y, p.idx, p.mask, meta)
+    kw = {}
+    if unrolled:
+        kw["unrolled"] = True
+    if recompute:
+        kw["recompute"] = True
+    return lambda: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha, p.method,
+                                                 delta, strategy, chunk, **kw)
+
+
+def engine_local_update(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.01, beta: float = 0.001,
+                        delta: float = 1e-3, compiled: bool = False):
+    """A no-argument callable: one ``local_update`` (τ chained meta-steps, ``p.idx`` (B, τ, slots, b))."""
+    if strategy not in engine_strategies():
+        raise Unavailable(f"this engine has no strategy {strategy!r}")
+    if backend_api():
+        be = _backend(p, strategy, chunk)
+        meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta)
+        cap = "compile" if compiled else "off"
+        return lambda: metagrad.local_update(be, p.params, p.X, p.Y, p.idx, p.mask, meta, beta, cap)
+    kw = {"compile": True} if compiled else {}
+    return lambda: metagrad.local_update(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha, beta, p.method,
+                                         delta, strategy, chunk, **kw)
+
+
+def engine_auto(p: "Problem", device, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3) -> dict:
+    """The backend the engine's ``train.strategy = "auto"`` picks for this block (its own timing rule)."""
+    import inspect
+    import time as _time
+    try:
+        from mpifedmeta import strategy as strat
+    except ImportError:
+        return {"strategy": None, "error": "mpifedmeta.strategy not available"}
+    if not hasattr(strat, "measure"):
+        return {"strategy": None, "error": "mpifedmeta.strategy.measure not available"}
+    cands = list(getattr(strat, "CANDIDATES", engine_strategies()))
+    usable = []
+    for c in cands:
+        try:
+            engine_block(p, c, chunk, alpha, delta)
+            usable.append(c)
+        except Unavailable:
+            pass
+    fns = {}
+
+    def step(cand, ch):
+        if (cand, ch) not in fns:
+            fns[cand, ch] = engine_block(p, cand, ch, alpha, delta)
+        fns[cand, ch]()
+
+    t0 = _time.perf_counter()
+    kw = {"candidates": usable} if "candidates" in inspect.signature(strat.measure).parameters else {}
+    choice = strat.measure(step, device, chunk, p.B, **kw)
+    return {"strategy": choice.strategy, "chunk": choice.chunk, "via": "mpifedmeta.strategy.measure",
+            "candidates": usable, "seconds": dict(choice.seconds), "selection_s": _time.perf_counter() - t0}
+
+
 # --------------------------------------------------------------------------- output
 def write_json(path: str, payload: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)

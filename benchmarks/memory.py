@@ -94,10 +94,8 @@ def child(args) -> dict:
         def call():
             return base.block_meta_gradients(p.params, p.X, p.Y, p.idx, args.nu, ALPHA, "exact", DELTA)
     else:
-        def call():
-            return metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, args.nu, ALPHA, method,
-                                                 DELTA, "vmap", unrolled=args.variant == "unrolled",
-                                                 recompute=args.variant == "recompute")
+        call = common.engine_block(p, "vmap", alpha=ALPHA, delta=DELTA, unrolled=args.variant == "unrolled",
+                                   recompute=args.variant == "recompute")
 
     out = call()                       # warm-up: one-time allocations (kernels, thread pools, caches)
     del out

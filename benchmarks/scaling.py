@@ -15,6 +15,8 @@ the free cores are counted, because multi-threaded torch collapses when oversubs
                   efficiency E(P) = T(1)/T(P)
   Allreduce share median over rounds of allreduce_time / round_time
   bandwidth       bytes_allreduced / allreduce_time (rank 0; includes any wait for a slower rank)
+  compute s       where the engine logs it (train/compute_time, _min): the slowest and fastest rank's
+                  compute time of the round, so load imbalance and communication are told apart
   cores busy      CPU seconds of all ranks (getrusage of the finished launcher) / wall seconds of the
                   run: about P×threads when the ranks had their cores, less when other processes took them
   probe           a barrier-aligned Allreduce of the same number of bytes, repeated 200 times under
@@ -87,7 +89,7 @@ metagrad = "{args.method}"
 batch_size = {args.batch}
 alpha = 0.01
 beta = 0.001
-strategy = "{args.strategy}"
+{f'strategy = "{args.strategy}"' if args.strategy else "# strategy: the engine's default"}
 seed = 0
 
 [eval]
@@ -134,13 +136,13 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
     if proc.returncode != 0:
         row["error"] = " | ".join(text.strip().splitlines()[-4:])
         return row
-    import h5py
-    with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
-        rt = f["train/round_time"][:]
-        ar = f["train/allreduce_time"][:]
-        nb = f["train/bytes_allreduced"][:]
-        row["strategy_used"] = str(f.attrs.get("strategy", "?"))
-        row["num_params"] = int(f.attrs.get("num_params", 0))
+    from mpifedmeta import io
+    run = io.read_run(out)
+    rt, ar, nb = run.train["round_time"], run.train["allreduce_time"], run.train["bytes_allreduced"]
+    # per-rank compute time of the round (engines that log it): slowest and fastest rank
+    ct, ct_min = run.train.get("compute_time"), run.train.get("compute_time_min")
+    row["strategy_used"] = str(run.attrs.get("strategy", "?"))
+    row["num_params"] = int(run.attrs.get("num_params", 0))
     skip = 1 if len(rt) > 1 else 0                  # the first round pays for warm-up
     rt, ar, nb = rt[skip:], ar[skip:], nb[skip:]
     row.update({"round_time_median_s": float(np.median(rt)), "round_time_s": rt.tolist(),
@@ -148,6 +150,11 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
                 "bytes_allreduced": int(nb[0]),
                 "allreduce_share": float(np.median(ar / rt)),
                 "agent_steps_per_s": cohort * args.tau / float(np.median(rt))})
+    if ct is not None:
+        row["compute_time_median_s"] = float(np.median(ct[skip:]))
+        if ct_min is not None:
+            row["compute_time_min_median_s"] = float(np.median(ct_min[skip:]))
+            row["load_imbalance"] = float(np.median(ct[skip:] / np.maximum(ct_min[skip:], 1e-12)))
     if P > 1:
         bw = nb / np.maximum(ar, 1e-12)
         row["allreduce_bandwidth_GBps"] = float(np.median(bw)) / 1e9
@@ -214,7 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=2,
                     help="runs per point, alternating between the points; the least disturbed one (lowest median "
                          "round time) is reported, all are recorded (default 2)")
-    ap.add_argument("--strategy", default="vmap", choices=("vmap", "chunked", "loop", "auto"))
+    ap.add_argument("--strategy", default=None,
+                    help="train.strategy of the runs: one of the engine's backends or auto (default: the engine's "
+                         "default; the strategy a run used is read back from metrics.h5)")
     ap.add_argument("--dataset", default="random", help='"random" (generated npz, default) or an engine dataset name')
     ap.add_argument("--samples-per-agent", type=int, default=100, help="random dataset: samples per agent")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -237,6 +246,12 @@ def main(argv=None) -> int:
         return 0
 
     import common
+    from mpifedmeta import config as engine_config
+    known = ("auto",) + common.engine_strategies()
+    if args.strategy is not None and args.strategy not in known:
+        ap.error(f"--strategy {args.strategy!r}: this engine has {', '.join(known)}")
+    if args.strategy is None:
+        args.strategy_default = engine_config.SCHEMA["train"]["strategy"].default
     if args.quick:
         args.model, args.cohort, args.per_rank, args.rounds, args.tau, args.nu = "linear", 4, 4, 3, 2, 1
         args.samples_per_agent, args.strong_only, args.trials = 40, True, 1
@@ -330,8 +345,9 @@ def main(argv=None) -> int:
             ("speedup", "speedup", "{:.2f}"), ("efficiency", "efficiency", "{:.0%}"),
             ("allreduce_time_median_s", "Allreduce s", "{:.5f}"), ("allreduce_share", "AR share", "{:.2%}"),
             ("bytes_allreduced", "AR bytes", "{:,}"), ("allreduce_bandwidth_GBps", "AR GB/s", "{:.2f}"),
-            ("cores_busy", "cores busy", "{:.2f}")]
-    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy}; "
+            ("cores_busy", "cores busy", "{:.2f}"), ("compute_time_median_s", "compute s (slowest rank)", "{:.4f}"),
+            ("load_imbalance", "slowest/fastest", "{:.2f}"), ("strategy_used", "strategy", "")]
+    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy or 'default (' + args.strategy_default + ')'}; "
           f"medians over rounds 2..{args.rounds}")
     print(common.table(rows, cols))
 
@@ -382,6 +398,7 @@ def main(argv=None) -> int:
         print(f"target {name}: {t['target']}: measured {m:.2%} -> {'MET' if t['met'] else 'MISSED'}")
 
     info["loadavg_end"] = os.getloadavg()
+    print(f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}")
     wall = time.perf_counter() - t_start
     payload = {"benchmark": "scaling", "machine": info,
                "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"ranks": ranks, "cores": cores},

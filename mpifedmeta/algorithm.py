@@ -23,16 +23,10 @@ class RoundSpec:
     """The training hyper-parameters a round needs (plain values, no config object)."""
     seed: int
     local_steps: int
-    nu: int
-    alpha: float
     beta: float
     batch_size: int | str
-    method: str
-    delta: float
-    strategy: str
-    chunk: int
-    compile: bool = False
-    recompute: bool = False
+    meta: metagrad.MetaSpec
+    capture: str = "off"        # whole-local-round capture: off | compile | cudagraphs
 
 
 def aggregation_weights(cohort: np.ndarray, train_counts: np.ndarray, weighting: str) -> np.ndarray:
@@ -49,13 +43,13 @@ def round_batches(block: AgentBlock, spec: RoundSpec, round_: int, ids: torch.Te
         idx, mask = padded_rows(block.train_offset, block.train_count, positions, block.train_width)
         shape = (idx.shape[0], tau, 1, idx.shape[1])
         return idx[:, None, None, :].expand(shape), mask[:, None, None, :].expand(shape).to(block.X_train.dtype)
-    slots = metagrad.num_slots(spec.nu, spec.method)
+    slots = metagrad.num_slots(spec.meta.nu, spec.meta.method)
     pos = rng.batch_indices(spec.seed, round_, ids, block.train_count[positions], tau, slots, spec.batch_size)
     idx = block.train_offset[positions].view(-1, 1, 1, 1) + pos
     return idx, torch.ones(idx.shape, dtype=block.X_train.dtype, device=idx.device)
 
 
-def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, round_: int,
+def local_round(backend, block: AgentBlock, global_params: dict, spec: RoundSpec, round_: int,
                 cohort: np.ndarray, weights: np.ndarray) -> tuple[torch.Tensor, int]:
     """Run the τ local meta-steps of this block's sampled agents; return their weighted sum.
 
@@ -72,9 +66,8 @@ def local_round(loss, block: AgentBlock, global_params: dict, spec: RoundSpec, r
     B = len(ids)
     idx, mask = round_batches(block, spec, round_, ids, positions)
     stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
-    params, losses = metagrad.local_update(loss, stacked, block.X_train, block.Y_train, idx, mask,
-                                           spec.nu, spec.alpha, spec.beta, spec.method, spec.delta,
-                                           spec.strategy, spec.chunk, spec.compile, spec.recompute)
+    params, losses = metagrad.local_update(backend, stacked, block.X_train, block.Y_train, idx, mask,
+                                           spec.meta, spec.beta, spec.capture)
     p = torch.as_tensor(weights[mine], dtype=torch.float64, device=dev).unsqueeze(1)
     terms = p * torch.cat([flatten(params, batch_dims=1).to(torch.float64),
                            losses.to(torch.float64).mean(dim=1, keepdim=True)], dim=1)
@@ -104,7 +97,7 @@ def aggregate(world: dist.World, limbs: torch.Tensor, flags: list[int],
     return unflatten(flat, like), float(total[-1]), summed, timings
 
 
-def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,
+def evaluate_block(backend, block: AgentBlock, global_params: dict, agent_ids: np.ndarray,
                    ks: list[int], alpha: float, chunk: int) -> np.ndarray:
     """Personalized test loss/accuracy of this block's agents among ``agent_ids``.
 
@@ -119,14 +112,15 @@ def evaluate_block(loss, logits_fn, block: AgentBlock, global_params: dict, agen
     tr_idx, tr_mask = padded_rows(block.train_offset, block.train_count, pos, block.train_width)
     te_idx, te_mask = padded_rows(block.test_offset, block.test_count, pos, block.test_width)
     dt = block.X_train.dtype
-    losses, accs = metagrad.personalized_metrics(loss, logits_fn, global_params, block.X_train, block.Y_train,
-                                                 tr_idx, tr_mask.to(dt), block.X_test, block.Y_test, te_idx,
-                                                 te_mask.to(dt), ks, alpha, chunk)
+    losses, accs = metagrad.personalized_metrics(backend, global_params,
+                                                 metagrad.Split(block.X_train, block.Y_train, tr_idx, tr_mask.to(dt)),
+                                                 metagrad.Split(block.X_test, block.Y_test, te_idx, te_mask.to(dt)),
+                                                 ks, alpha, chunk)
     return np.concatenate([mine[:, None].astype(np.float64), losses.double().cpu().numpy(),
                            accs.double().cpu().numpy()], axis=1)
 
 
-def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: int, nu: int, alpha: float,
+def stationarity_block(backend, block: AgentBlock, global_params: dict, num_train: int, nu: int, alpha: float,
                        chunk: int) -> torch.Tensor:
     """The block's exact share of [∇F(w), F(w)] with F = (1/N) Σ_i f_i(θ_i^ν) over the N training
     agents, full local training data, exact meta-gradient. Returns int64 limbs (2, d + 1)."""
@@ -138,8 +132,9 @@ def stationarity_block(loss, block: AgentBlock, global_params: dict, num_train: 
         idx, mask = padded_rows(block.train_offset, block.train_count, positions, block.train_width)
         B = len(positions)
         stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in global_params.items()}
-        g, value = metagrad.block_meta_gradients(loss, stacked, block.X_train, block.Y_train, idx[:, None, :],
-                                                 mask[:, None, :].to(block.X_train.dtype), nu, alpha, "exact")
+        g, value = metagrad.block_meta_gradients(backend, stacked, block.X_train, block.Y_train, idx[:, None, :],
+                                                 mask[:, None, :].to(block.X_train.dtype),
+                                                 metagrad.MetaSpec(nu, alpha, "exact"))
         terms = torch.cat([flatten(g, batch_dims=1).to(torch.float64), value.to(torch.float64)[:, None]], dim=1)
         total += exactsum.encode_sum(terms / num_train)
     return total

@@ -18,6 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 MAX_AGENTS = 2**31 - 1          # agent ids are hashed as 32-bit counters (rng.py)
 MAX_EVALUATED = 100_000         # generated populations: agents evaluated per evaluation, at most
+CAPTURES = ("off", "compile", "cudagraphs")   # train.compile as a string (booleans: off / compile)
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,10 @@ def _hidden(v):
     return None if all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v) else "must be a list of positive integers"
 
 
+def _capture(v):
+    return None if isinstance(v, bool) or v in CAPTURES else f"must be true, false or one of {', '.join(CAPTURES)}"
+
+
 def _agents(v):
     if isinstance(v, str):
         return None if v == "all" else 'must be "all" or a positive integer'
@@ -131,11 +136,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "weighting": Key("uniform", (str,), _one_of(("uniform", "samples")), "uniform | samples: weights of the average"),
         "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches", experiment=False),
         "dtype": Key("float32", (str,), _one_of(("float32", "float64")), "float32 | float64"),
-        "strategy": Key("vmap", (str,), Registered(".metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
+        "strategy": Key("stacked", (str,), Registered(".metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
         "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked", **_RUN_ONLY),
         "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)", **_RUN_ONLY),
         "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),
-        "compile": Key(False, (bool,), None, "run the vmap strategies through torch.compile (falls back to eager where it fails)", **_RUN_ONLY),
+        "compile": Key(False, (bool, str), _capture, 'capture the whole local round: false/"off", true/"compile" (torch.compile), "cudagraphs" (CUDA only); eager fallback with a notice', **_RUN_ONLY),
         "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU", **_RUN_ONLY),
         "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)", **_RUN_ONLY),
     },

@@ -154,6 +154,14 @@ def allreduce_tensor(world: World, buffer: torch.Tensor) -> np.ndarray:
     return allreduce_sum(world, host)
 
 
+def max_min(world: World, value: float) -> tuple[float, float]:
+    """The largest and the smallest of every rank's ``value`` (one 2-float MAX Allreduce)."""
+    buf = np.array([value, -value], dtype=np.float64)
+    if world.size > 1:
+        world.comm.Allreduce(_mpi().IN_PLACE, buf, op=_mpi().MAX)
+    return float(buf[0]), float(-buf[1])
+
+
 def allreduce_max_int(world: World, value: int) -> int:
     if world.size == 1:
         return value

@@ -25,7 +25,8 @@ METRICS_FORMAT = "mpifedmeta.metrics"
 CHECKPOINT_FORMAT = "mpifedmeta.checkpoint"
 FORMAT_VERSION = 1
 TRAIN_COLUMNS = {"round": np.int64, "meta_loss": np.float64, "wall_time": np.float64, "round_time": np.float64,
-                 "allreduce_time": np.float64, "bytes_allreduced": np.int64, "num_sampled": np.int64}
+                 "allreduce_time": np.float64, "bytes_allreduced": np.int64, "num_sampled": np.int64,
+                 "compute_time": np.float64, "compute_time_min": np.float64}   # the last two: absent in older files
 EVAL_MEANS = ("train_loss_mean", "train_acc_mean", "holdout_loss_mean", "holdout_acc_mean")
 EVAL_SCALARS = ("meta_loss_full", "grad_norm_sq")
 EVAL_AGENTS = ("train_agent_loss", "train_agent_acc", "holdout_agent_loss", "holdout_agent_acc")
@@ -217,7 +218,8 @@ def append_metrics(out_dir: str, train_rows: list[dict], eval_rows: list[dict]) 
     def fill(f):
         if train_rows:
             for name, dtype in TRAIN_COLUMNS.items():
-                _append(f["train"][name], np.array([r[name] for r in train_rows], dtype=dtype))
+                if name in f["train"]:         # files of older versions lack the newer columns
+                    _append(f["train"][name], np.array([r[name] for r in train_rows], dtype=dtype))
         if eval_rows:
             e = f["eval"]
             _append(e["round"], np.array([r["round"] for r in eval_rows], dtype=np.int64))
@@ -240,7 +242,8 @@ def truncate_metrics(out_dir: str, last_round: int) -> int:
 
     def fill(f):
         for name in TRAIN_COLUMNS:
-            f["train"][name].resize(keep_t, axis=0)
+            if name in f["train"]:
+                f["train"][name].resize(keep_t, axis=0)
         for name in ("round",) + EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS:
             f["eval"][name].resize(keep_e, axis=0)
 

@@ -24,6 +24,7 @@ for every purpose ("full" batches: each agent's whole training split).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,10 +32,44 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 METHODS = ("exact", "fo", "hf")
-STRATEGIES = ("vmap", "chunked", "loop")
+STRATEGIES = ("stacked", "vmap", "chunked", "loop")
+CAPTURES = ("off", "compile", "cudagraphs")
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MetaSpec:
+    """What a meta-gradient is: ν fine-tuning steps of size α, the flavour, HF's δ, recompute."""
+    nu: int
+    alpha: float
+    method: str = "exact"
+    delta: float = 1e-3
+    recompute: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"metagrad must be one of {METHODS}, got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """How a block is computed: the backend (train.strategy), vmap chunk, optional capture."""
+    strategy: str = "stacked"
+    chunk: int = 64
+    capture: str = "off"
+
+
+def capture_mode(value) -> str:
+    """train.compile as a capture mode: false → "off", true → "compile", or the string itself."""
+    if value is True:
+        return "compile"
+    if value is False or value is None:
+        return "off"
+    if value not in CAPTURES:
+        raise ValueError(f"train.compile must be true, false or one of {', '.join(CAPTURES)}, got {value!r}")
+    return value
 
 
 def make_loss(model: torch.nn.Module) -> LossFn:
@@ -74,15 +109,6 @@ def _batch(X, Y, idx, mask, s: int):
     return X[rows], Y[rows], mask[s]
 
 
-def finetune(loss: LossFn, params: Params, x, y, mask, steps: int, alpha: float) -> list[Params]:
-    """θ^0..θ^steps of gradient descent with step α on one batch (x, y, mask); returns all iterates."""
-    g_fn = grad(loss)
-    thetas = [params]
-    for _ in range(steps):
-        thetas.append(_axpy(-alpha, g_fn(thetas[-1], x, y, mask), thetas[-1]))
-    return thetas
-
-
 def hvp_exact(loss: LossFn, theta: Params, v: Params, x, y, mask) -> Params:
     """∇²f(θ) v by reverse-over-reverse differentiation (the vjp of ∇f; H is symmetric).
 
@@ -100,56 +126,122 @@ def hvp_finite_difference(loss: LossFn, theta: Params, v: Params, x, y, mask, de
     return {k: (plus[k] - minus[k]) / (2.0 * delta) for k in plus}
 
 
-def agent_meta_gradient(loss: LossFn, params: Params, X: torch.Tensor, Y: torch.Tensor,
-                        idx: torch.Tensor, mask: torch.Tensor, nu: int, alpha: float,
-                        method: str = "exact", delta: float = 1e-3,
-                        recompute: bool = False) -> tuple[Params, torch.Tensor]:
-    """One agent's stochastic ν-step meta-gradient and its meta-loss f(θ^ν; D').
+# --------------------------------------------------------------------------- the block recursion
+# One ν-step recursion for every backend. A backend (mpifedmeta.backends) supplies, for stacked
+# parameters (B, ...) and gathered batches x (B, b, ...), y (B, b), mask (B, b):
+#   grad(params, x, y, mask)     -> (every agent's ∇f_i {name: (B, ...)}, the losses f_i (B,))
+#   hvp(params, v, x, y, mask)   -> every agent's ∇²f_i(θ_i) v_i {name: (B, ...)}
 
-    ``idx``/``mask``: (slots, b) sample indices into X/Y and weights (see module docstring).
-    ``recompute=True`` stores only θ^0 and recomputes each θ^l in the backward recursion: memory
-    for the iterates O(d) instead of O(ν·d), at the price of ν(ν−1)/2 extra inner gradients.
-    The recomputed iterates are the same operations on the same inputs, so the result is identical.
+Batches = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def gather(X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor) -> Batches:
+    """The samples of every slot at once: idx/mask (B, slots, b) → (slots, B, b, ...) tensors."""
+    i = idx.transpose(0, 1)
+    return X[i], Y[i], mask.transpose(0, 1)
+
+
+def meta_gradients(backend, params: Params, batches: Batches, meta: MetaSpec) -> tuple[Params, torch.Tensor]:
+    """Every agent's stochastic ν-step meta-gradient and meta-loss f_i(θ_i^ν; D'_i).
+
+    ``params``: stacked (B, ...); ``batches``: (slots, B, b, ...) from :func:`gather`; slot l < ν
+    is inner step l, slot ν the outer batch, slot ν+1+l the HVP batch at θ^l (one slot: all).
+    ``meta.recompute`` stores only θ^0 and recomputes each θ^l in the backward recursion (memory
+    O(d) instead of O(ν·d), ν(ν−1)/2 extra gradients; the same operations, the same numbers).
     """
+    xs, ys, ms = batches
+    nu, alpha = meta.nu, meta.alpha
 
     def batch(s: int):
-        return _batch(X, Y, idx, mask, s)
-
-    g_fn = grad(loss)
+        s = 0 if xs.shape[0] == 1 else s
+        return xs[s], ys[s], ms[s]
 
     def step(theta: Params, l: int) -> Params:
-        return _axpy(-alpha, g_fn(theta, *batch(l)), theta)
+        return _axpy(-alpha, backend.grad(theta, *batch(l))[0], theta)
 
-    keep = method != "fo" and not recompute   # else only the last iterate: memory flat in ν
+    keep = meta.method != "fo" and not meta.recompute   # else only the last iterate: memory flat in ν
     thetas = [params]
     for l in range(nu):
         nxt = step(thetas[-1], l)
         thetas = thetas + [nxt] if keep else [nxt]
-    g, value = grad_and_value(loss)(thetas[-1], *batch(nu))
-    if method == "fo":
+    g, value = backend.grad(thetas[-1], *batch(nu))
+    if meta.method == "fo":
         return g, value
     for l in reversed(range(nu)):
-        if recompute:
+        if meta.recompute:
             theta_l = params
             for j in range(l):
                 theta_l = step(theta_l, j)
         else:
             theta_l = thetas.pop(l)       # drop each stored iterate once its HVP is done
-        if method == "exact":
-            hv = hvp_exact(loss, theta_l, g, *batch(nu + 1 + l))
-        elif method == "hf":
-            hv = hvp_finite_difference(loss, theta_l, g, *batch(nu + 1 + l), delta)
-        else:
-            raise ValueError(f"metagrad must be one of {METHODS}, got {method!r}")
+        b = batch(nu + 1 + l)
+        if meta.method == "exact":
+            hv = backend.hvp(theta_l, g, *b)
+        else:                             # hf: central difference of two gradients along g
+            plus = backend.grad(_axpy(meta.delta, g, theta_l), *b)[0]
+            minus = backend.grad(_axpy(-meta.delta, g, theta_l), *b)[0]
+            hv = {k: (plus[k] - minus[k]) / (2.0 * meta.delta) for k in plus}
         g = _axpy(-alpha, hv, g)
     return g, value
 
 
+def block_meta_gradients(backend, params: Params, X, Y, idx, mask, meta: MetaSpec) -> tuple[Params, torch.Tensor]:
+    """Meta-gradients of a block of B agents: ``params`` stacked (B, ...), ``idx``/``mask``
+    (B, slots, b) sample indices into X/Y and weights. Returns ((B, ...) gradients, (B,) losses)."""
+    return meta_gradients(backend, params, gather(X, Y, idx, mask), meta)
+
+
+def local_update(backend, params: Params, X, Y, idx, mask, meta: MetaSpec, beta: float,
+                 capture: str = "off") -> tuple[Params, torch.Tensor]:
+    """τ chained local meta-steps w ← w − β·∇̃F_i(w) for a block of agents.
+
+    ``params``: stacked starting models (B, ...); ``idx``/``mask``: (B, τ, slots, b), one set of
+    independent batches per local step. Returns the final local models and meta-losses (B, τ).
+    ``capture`` ("compile" | "cudagraphs") runs the whole local round captured (see capture.py);
+    it falls back to eager execution, with a one-line notice, wherever capture is not possible.
+    """
+    if capture != "off":
+        from . import capture as cap
+        out = cap.local_update(backend, params, X, Y, idx, mask, meta, beta, capture)
+        if out is not None:
+            return out
+    return local_update_eager(backend, params, X, Y, idx, mask, meta, beta)
+
+
+ROUND_GATHER_BYTES = 64 << 20   # gather a whole local round at once below this size, else step by step
+
+
+def local_update_eager(backend, params: Params, X, Y, idx, mask, meta: MetaSpec,
+                       beta: float) -> tuple[Params, torch.Tensor]:
+    """:func:`local_update` without capture. The samples of all τ steps and slots are gathered
+    in one indexing call (step by step when that would exceed ROUND_GATHER_BYTES); full batches,
+    the same rows in every step (an expanded view), are gathered once."""
+    tau = idx.shape[1]
+    if tau == 1 or (idx.stride(1) == 0 and mask.stride(1) == 0):
+        once = gather(X, Y, idx[:, 0], mask[:, 0])
+        steps = lambda t: once                                                   # noqa: E731
+    elif idx.numel() * X[0].numel() * X.element_size() <= ROUND_GATHER_BYTES:
+        i = idx.permute(1, 2, 0, 3)                                              # (τ, slots, B, b)
+        xs, ys, ms = X[i], Y[i], mask.permute(1, 2, 0, 3)
+        steps = lambda t: (xs[t], ys[t], ms[t])                                  # noqa: E731
+    else:
+        steps = lambda t: gather(X, Y, idx[:, t], mask[:, t])                    # noqa: E731
+    losses = []
+    for t in range(tau):
+        g, value = meta_gradients(backend, params, steps(t), meta)
+        params = _axpy(-beta, g, params)
+        losses.append(value)
+    return params, torch.stack(losses, dim=1)
+
+
+# --------------------------------------------------------------------------- references
+# Independent of the backends and of the recursion above: used by the tests (and benchmarks).
+
 def agent_meta_gradient_autograd(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float,
                                  method: str = "exact", delta: float = 1e-3) -> tuple[Params, torch.Tensor]:
-    """The same recursion as :func:`agent_meta_gradient` with plain torch.autograd for one agent
-    (reverse-over-reverse HVPs). Used by the ``loop`` strategy: outside vmap it avoids the
-    per-call overhead of the torch.func transforms, and it is what per-agent loops elsewhere do."""
+    """The reference: the recursion for ONE agent with plain torch.autograd (reverse-over-reverse
+    HVPs), written independently of the backends and of :func:`meta_gradients` (tests compare
+    every backend against it; it is also what per-agent loops elsewhere do)."""
 
     def batch(s: int):
         return _batch(X, Y, idx, mask, s)
@@ -206,120 +298,54 @@ def agent_meta_gradient_unrolled(loss: LossFn, params: Params, X, Y, idx, mask, 
     return grad_and_value(meta_loss)(params)
 
 
-_compiled: dict = {}
-_compile_failed: dict = {}
+
+def block_meta_gradients_unrolled(loss: LossFn, params: Params, X, Y, idx, mask, nu: int,
+                                  alpha: float) -> tuple[Params, torch.Tensor]:
+    """:func:`agent_meta_gradient_unrolled` for a block (vmap over agents; MAML-style memory)."""
+    return vmap(lambda p, i, m: agent_meta_gradient_unrolled(loss, p, X, Y, i, m, nu, alpha))(params, idx, mask)
 
 
-def _vmapped_compiled(loss: LossFn, nu: int, alpha: float, method: str, delta: float):
-    """torch.compile of the vmapped per-agent meta-gradient (cached per loss and hyper-parameters)."""
-    key = (id(loss), nu, alpha, method, delta)
-    if key not in _compiled:
-        def one(p, i, m, X, Y):
-            return agent_meta_gradient(loss, p, X, Y, i, m, nu, alpha, method, delta)
-        _compiled[key] = torch.compile(vmap(one, in_dims=(0, 0, 0, None, None)), dynamic=False)
-    return _compiled[key], key
+# --------------------------------------------------------------------------- evaluation
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a block's agents: samples X, Y and each agent's padded rows idx/mask (B, width)."""
+    X: torch.Tensor
+    Y: torch.Tensor
+    idx: torch.Tensor
+    mask: torch.Tensor
 
 
-def block_meta_gradients(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float,
-                         method: str = "exact", delta: float = 1e-3, strategy: str = "vmap",
-                         chunk: int = 64, unrolled: bool = False,
-                         compile: bool = False, recompute: bool = False) -> tuple[Params, torch.Tensor]:
-    """Meta-gradients of a block of B agents at once.
-
-    ``params``: stacked parameters (B, ...); ``idx``/``mask``: (B, slots, b). Strategies give the
-    same numbers: ``vmap`` (one batched pass), ``chunked`` (vmap over chunks of ``chunk`` agents,
-    bounded memory) and ``loop`` (one agent at a time with plain torch.autograd, as other FL
-    simulators compute; fastest where vmap turns per-agent weights into slow grouped kernels).
-    ``compile=True`` runs the vmap strategies through torch.compile; where compiling fails (e.g.
-    some transform combinations) it warns once and falls back to eager execution.
-    Returns (meta-gradients stacked (B, ...), meta-losses (B,)).
-    """
-    if compile and not unrolled and not recompute and strategy in ("vmap", "chunked"):
-        fn, key = _vmapped_compiled(loss, nu, alpha, method, delta)
-        if key not in _compile_failed:
-            try:
-                step = chunk if strategy == "chunked" else idx.shape[0]
-                parts = [fn({k: v[s:s + step] for k, v in params.items()}, idx[s:s + step], mask[s:s + step], X, Y)
-                         for s in range(0, idx.shape[0], step)]
-                return ({k: torch.cat([g[k] for g, _ in parts]) for k in params}, torch.cat([v for _, v in parts]))
-            except Exception as e:  # torch.compile cannot handle every transform combination
-                _compile_failed[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
-                import warnings
-                warnings.warn(f"train.compile: torch.compile failed ({_compile_failed[key][:200]}); running eagerly")
-    if unrolled:
-        if method != "exact":
-            raise ValueError("the unrolled form exists only for metagrad = 'exact'")
-
-        def one(p, i, m):
-            return agent_meta_gradient_unrolled(loss, p, X, Y, i, m, nu, alpha)
-    else:
-        def one(p, i, m):
-            return agent_meta_gradient(loss, p, X, Y, i, m, nu, alpha, method, delta, recompute)
-
-    B = idx.shape[0]
-    if strategy == "vmap" or (strategy == "chunked" and B <= chunk):
-        return vmap(one)(params, idx, mask)
-    if strategy == "chunked":
-        parts = [vmap(one)({k: v[s:s + chunk] for k, v in params.items()}, idx[s:s + chunk], mask[s:s + chunk])
-                 for s in range(0, B, chunk)]
-    elif strategy == "loop":
-        parts = []
-        for a in range(B):
-            p_a = {k: p[a] for k, p in params.items()}
-            if unrolled:
-                g, v = one(p_a, idx[a], mask[a])
-            else:
-                g, v = agent_meta_gradient_autograd(loss, p_a, X, Y, idx[a], mask[a], nu, alpha, method, delta)
-            parts.append(({k: t.unsqueeze(0) for k, t in g.items()}, v.unsqueeze(0)))
-    else:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    grads = {k: torch.cat([g[k] for g, _ in parts]) for k in params}
-    return grads, torch.cat([v for _, v in parts])
-
-
-def local_update(loss: LossFn, params: Params, X, Y, idx, mask, nu: int, alpha: float, beta: float,
-                 method: str = "exact", delta: float = 1e-3, strategy: str = "vmap",
-                 chunk: int = 64, compile: bool = False, recompute: bool = False) -> tuple[Params, torch.Tensor]:
-    """τ chained local meta-steps w ← w − β·∇̃F_i(w) for a block of agents.
-
-    ``params``: stacked starting models (B, ...); ``idx``/``mask``: (B, τ, slots, b), one set of
-    independent batches per local step. Returns the final local models and meta-losses (B, τ).
-    """
-    losses = []
-    for t in range(idx.shape[1]):
-        g, value = block_meta_gradients(loss, params, X, Y, idx[:, t], mask[:, t], nu, alpha,
-                                        method, delta, strategy, chunk, compile=compile, recompute=recompute)
-        params = _axpy(-beta, g, params)
-        losses.append(value)
-    return params, torch.stack(losses, dim=1)
-
-
-def personalized_metrics(loss: LossFn, logits_fn, params: Params, Xtr, Ytr, train_idx, train_mask,
-                         Xte, Yte, test_idx, test_mask, ks: list[int], alpha: float,
+def personalized_metrics(backend, params: Params, train: Split, test: Split, ks: list[int], alpha: float,
                          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Test loss and accuracy of each agent after k full-batch fine-tuning steps, for each k in ``ks``.
 
-    ``params``: the (unbatched) global model; ``train_idx``/``train_mask``: (B, n_train_max) padded
-    per-agent indices into Xtr/Ytr, likewise for the test split. Returns two (B, len(ks)) tensors.
+    ``params``: the (unbatched) global model; each agent is fine-tuned on its own padded training
+    rows with step α, ``chunk`` agents at a time. Returns two (B, len(ks)) tensors.
     """
     kmax = max(ks) if ks else 0
-
-    def one(tr_i, tr_m, te_i, te_m):
-        thetas = finetune(loss, params, Xtr[tr_i], Ytr[tr_i], tr_m, kmax, alpha)
-        x, y = Xte[te_i], Yte[te_i]
-        losses, accs = [], []
-        for k in ks:
-            out = logits_fn(thetas[k], x)
-            ce = F.cross_entropy(out, y, reduction="none")
-            denom = te_m.sum().clamp_min(1.0)
-            losses.append((ce * te_m).sum() / denom)
-            accs.append(((out.argmax(-1) == y).to(te_m.dtype) * te_m).sum() / denom)
-        return torch.stack(losses), torch.stack(accs)
-
-    B = train_idx.shape[0]
-    parts = [vmap(one)(train_idx[s:s + chunk], train_mask[s:s + chunk], test_idx[s:s + chunk], test_mask[s:s + chunk])
-             for s in range(0, B, chunk)]
-    if not parts:
-        z = torch.zeros(0, len(ks), dtype=Xtr.dtype, device=Xtr.device)
+    B = train.idx.shape[0]
+    losses, accs = [], []
+    for s in range(0, B, chunk):
+        tr_i, tr_m = train.idx[s:s + chunk], train.mask[s:s + chunk]
+        te_i, te_m = test.idx[s:s + chunk], test.mask[s:s + chunk]
+        n = tr_i.shape[0]
+        theta = {k: v.unsqueeze(0).expand((n,) + v.shape).clone() for k, v in params.items()}
+        x, y, xt, yt = train.X[tr_i], train.Y[tr_i], test.X[te_i], test.Y[te_i]
+        denom = te_m.sum(1).clamp_min(1.0)
+        at = {}
+        for j in range(kmax + 1):
+            if j in ks:
+                with torch.no_grad():
+                    out = backend.logits(theta, xt)
+                    ce = F.cross_entropy(out.flatten(0, 1), yt.flatten(), reduction="none").view(yt.shape)
+                    at[j] = ((ce * te_m).sum(1) / denom,
+                             ((out.argmax(-1) == yt).to(te_m.dtype) * te_m).sum(1) / denom)
+            if j < kmax:
+                theta = _axpy(-alpha, backend.grad(theta, x, y, tr_m)[0], theta)
+        losses.append(torch.stack([at[k][0] for k in ks], dim=1))
+        accs.append(torch.stack([at[k][1] for k in ks], dim=1))
+    if not losses:
+        z = torch.zeros(0, len(ks), dtype=train.X.dtype, device=train.X.device)
         return z, z.clone()
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return torch.cat(losses), torch.cat(accs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, dist, exactsum, io, metagrad, population, rng, signals
+from . import __version__, algorithm, backends, dist, exactsum, io, metagrad, population, rng, signals
 from .config import Config, ConfigError, from_json, keys_where
 from .console import Progress, final_table, say
 from .data import DataError
@@ -48,6 +48,8 @@ class Setup:
     eval_train_ids: np.ndarray
     holdout_ids: np.ndarray
     spec: algorithm.RoundSpec
+    backend: object = None       # mpifedmeta.backends; train.strategy = "auto" is resolved by choose_strategy
+    strategy: str = ""
     population: object = None
     eval_widths: tuple = (1, 1)  # generated populations: padding widths of the evaluated agents
 
@@ -71,6 +73,10 @@ def setup(cfg: Config, world: dist.World) -> Setup:
             block = pop.resident_block(lo, hi, device, dtype)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden).to(dtype)
+        strategy = cfg.train.strategy
+        if strategy == "auto" or (strategy == "stacked" and not backends.has_stacked_form(model)):
+            strategy = backends.default_strategy(model)   # "stacked" means vmap for a model without a stacked form
+        backend = backends.make(model, strategy, cfg.train.chunk)   # "auto" is resolved by choose_strategy
     except (ConfigError, DataError, dist.LaunchError, ValueError, OSError) as e:
         err = str(e).splitlines()[0] if str(e) else type(e).__name__
     err = dist.first_error(world, err)
@@ -87,11 +93,12 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         holdout_ids = num_train + np.sort(np.random.default_rng([rng.EVAL_HOLDOUT, cfg.train.seed]).choice(
             H, cfg.eval.holdout_agents, replace=False)).astype(np.int64)
     t = cfg.train
-    spec = algorithm.RoundSpec(t.seed, t.local_steps, t.nu, t.alpha, t.beta, t.batch_size, t.metagrad,
-                               t.hf_delta, "vmap" if t.strategy == "auto" else t.strategy, t.chunk, t.compile,
-                               t.recompute)
+    spec = algorithm.RoundSpec(t.seed, t.local_steps, t.beta, t.batch_size,
+                               metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
+                               metagrad.capture_mode(t.compile))
     setup_ = Setup(cfg, world, device, dtype, getattr(pop, "partition", None), block, model, metagrad.make_loss(model),
-                   metagrad.make_logits(model), num_train, pop.train_counts, eval_ids, holdout_ids, spec, pop)
+                   metagrad.make_logits(model), num_train, pop.train_counts, eval_ids, holdout_ids, spec, backend,
+                   strategy, pop)
     if not pop.resident:
         setup_.eval_widths = population.widths(pop, np.concatenate([eval_ids, holdout_ids]))
     model.requires_grad_(False)
@@ -99,43 +106,23 @@ def setup(cfg: Config, world: dist.World) -> Setup:
 
 
 def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
-    """Resolve train.strategy = "auto": reuse the choice recorded in the checkpoint when resuming
-    (so a resumed run continues bit-for-bit), else time the candidates on every rank and let all
-    ranks agree on the one whose slowest rank is fastest. Returns a one-line description."""
-    import dataclasses
+    """Resolve train.strategy (see mpifedmeta.strategy) and build the backend; returns a one-line
+    description of the choice."""
     from . import strategy as strat
 
-    if s.cfg.train.strategy != "auto":
-        return s.spec.strategy
-    if recorded:
-        s.spec = dataclasses.replace(s.spec, strategy=recorded)
-        return f"{recorded} (recorded in the checkpoint)"
-    per_rank = -(-s.cfg.train.agents_per_round // s.world.size)
-    if s.block is not None:
-        blk = s.block
-    else:   # generated: time on a block like a round's share (the first training agents)
+    t = s.cfg.train
+    per_rank = -(-t.agents_per_round // s.world.size)
+    blk = s.block
+    if blk is None and t.strategy == "auto" and not recorded:   # generated: time on a share-sized block
         first = np.arange(min(per_rank, s.num_train), dtype=np.int64)
         blk = s.population.build(first, s.device, s.dtype, population.widths(s.population, first))
-    B = max(1, min(per_rank, blk.num_agents))
-    ids = torch.arange(blk.lo, blk.lo + B, device=blk.device)
-    spec1 = dataclasses.replace(s.spec, local_steps=1)
-    idx, mask = algorithm.round_batches(blk, spec1, 0, ids, ids - blk.lo)
-    stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in params.items()}
-
-    def step(cand: str, chunk: int) -> None:
-        metagrad.block_meta_gradients(s.loss, stacked, blk.X_train, blk.Y_train, idx[:, 0], mask[:, 0],
-                                      s.spec.nu, s.spec.alpha, s.spec.method, s.spec.delta, cand, chunk)
-
-    mine = strat.measure(step, s.device, s.cfg.train.chunk, B, s.cfg.train.memory_budget)
-    every = dist.allgather(s.world, (mine.seconds, mine.skipped))
-    usable = [c for c in strat.CANDIDATES if all(c in sec for sec, _ in every)]
-    if not usable:
-        raise BadInput(f"no execution strategy fits train.memory_budget = {s.cfg.train.memory_budget} MB "
-                       f"({'; '.join(f'{c}: {w}' for c, w in mine.skipped.items())})")
-    best = strat.pick({c: max(sec[c] for sec, _ in every) for c in usable})
-    s.spec = dataclasses.replace(s.spec, strategy=best)
-    mine.strategy = best
-    return f"auto -> {mine.describe()}"
+    try:
+        name, desc = strat.choose(t.strategy, s.model, blk, params, s.spec, per_rank, t.chunk,
+                                  t.memory_budget, recorded, lambda mine: dist.allgather(s.world, mine))
+        s.backend, s.strategy = backends.make(s.model, name, t.chunk), name
+    except (strat.NoStrategyFits, ValueError) as e:
+        raise BadInput(str(e)) from None
+    return desc
 
 
 def initial_params(s: Setup) -> dict[str, torch.Tensor]:
@@ -177,7 +164,7 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
     rows = np.concatenate([np.zeros((0, 1 + 2 * len(ks)))] + [
-        algorithm.evaluate_block(s.loss, s.logits, blk, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+        algorithm.evaluate_block(s.backend, blk, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
         for blk in _eval_blocks(s, ids)])
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
@@ -185,7 +172,7 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
         d = sum(v.numel() for v in params.values())
         limbs = torch.zeros(2, d + 1, dtype=torch.int64, device=s.device)
         for blk in _stationarity_blocks(s):
-            limbs += algorithm.stationarity_block(s.loss, blk, params, s.num_train, s.cfg.train.nu,
+            limbs += algorithm.stationarity_block(s.backend, blk, params, s.num_train, s.cfg.train.nu,
                                                   s.cfg.train.alpha, s.cfg.eval.chunk)
         total = exactsum.decode(dist.allreduce_tensor(s.world, limbs.reshape(-1)).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
@@ -230,10 +217,16 @@ def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int,
     """Local round on every rank, then the server step; (params, meta-loss, bad terms, stop, timings)."""
     cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, s.cfg.train.agents_per_round)
     weights = algorithm.aggregation_weights(cohort, s.train_counts, s.cfg.train.weighting)
-    limbs, bad = algorithm.local_round(s.loss, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
+    tc = time.perf_counter()
+    limbs, bad = algorithm.local_round(s.backend, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
+    if limbs.is_cuda:
+        torch.cuda.synchronize(limbs.device)
+    t_compute = time.perf_counter() - tc
     _maybe_inject_failure(s.world, r)
     stop = 1 if signals.requested() else 0
     new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, limbs, [bad, stop], params)
+    # every rank's compute time, max and min: load imbalance told apart from communication
+    timings["compute_time"], timings["compute_time_min"] = dist.max_min(s.world, t_compute)
     return new_params, meta_loss, bad, stop, timings
 
 
@@ -358,12 +351,12 @@ def start_new(cfg: Config, world: dist.World) -> int:
 
 
 def _ckpt_attrs(s: Setup, wall: float) -> dict:
-    return {"wall_time": wall, "strategy": s.spec.strategy, "rng": "counter-based: (seed, round, agent, step)"}
+    return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)"}
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
-            "strategy": s.spec.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
+            "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
             "world_size_at_start": s.world.size}
 
 

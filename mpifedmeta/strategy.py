@@ -1,13 +1,15 @@
-"""Choose how a block's meta-gradients are batched, by measurement (``train.strategy = "auto"``).
+"""Which backend computes a block's meta-gradients (``train.strategy``), chosen by measurement for "auto".
 
-vmap is 2–3.5× faster than a per-agent loop for MLPs on CPU but slower for CNNs (per-agent conv
-weights become a grouped convolution), and its memory grows with the block and ν. So we time a
-few meta-steps of each candidate on the real model, device, block size and ν, drop candidates
-whose peak memory exceeds the budget, and keep the fastest.
+An explicit setting is used as is; a resumed run keeps the strategy recorded in its checkpoint
+(so it continues bit for bit); ``auto`` times one meta-step of each candidate backend on the real
+model, device, block size and ν, drops those whose peak memory exceeds the budget, and keeps the
+fastest (the default backend — ``stacked`` where the model has a stacked form, else ``vmap`` —
+unless another one is faster by more than the timing-noise margin).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
@@ -15,7 +17,9 @@ from typing import Callable
 
 import torch
 
-CANDIDATES = ("loop", "chunked", "vmap")    # least memory first (CPU peak memory is monotonic)
+from . import algorithm, backends, metagrad
+
+CANDIDATES = ("loop", "chunked", "stacked", "vmap")    # least memory first (CPU peak memory is monotonic)
 
 
 @dataclass
@@ -44,26 +48,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-PREFERENCE_MARGIN = 0.10   # another candidate must be >10% faster than vmap to be chosen (timing noise)
+PREFERENCE_MARGIN = 0.10   # another candidate must be >10% faster than the default to be chosen (timing noise)
 
 
 def pick(seconds: dict) -> str:
-    """The fastest candidate, but vmap unless another one beats it by more than the margin."""
+    """The fastest candidate, but the default (stacked if timed, else vmap) unless another one beats
+    it by more than the margin."""
     best = min(seconds, key=seconds.get)
-    if "vmap" in seconds and seconds[best] > (1 - PREFERENCE_MARGIN) * seconds["vmap"]:
-        return "vmap"
+    preferred = "stacked" if "stacked" in seconds else "vmap"
+    if preferred in seconds and seconds[best] > (1 - PREFERENCE_MARGIN) * seconds[preferred]:
+        return preferred
     return best
 
 
 def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, block: int,
-            memory_budget_mb: float = 0.0, repeats: int = 3) -> Choice:
+            memory_budget_mb: float = 0.0, repeats: int = 3, candidates=CANDIDATES) -> Choice:
     """Time ``step(strategy, chunk)`` (one batched meta-step) for each candidate; pick the fastest
     that stays within ``memory_budget_mb`` (0 = no limit) of memory growth."""
     seconds, peaks, skipped = {}, {}, {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = _peak_mb(device)
-    for cand in CANDIDATES:
+    for cand in candidates:
         if cand == "chunked" and chunk >= block:
             skipped[cand] = f"chunk {chunk} >= block {block}: same as vmap"
             continue
@@ -88,3 +94,42 @@ def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, 
     if not seconds:
         return Choice("loop", chunk, seconds, peaks, skipped)
     return Choice(pick(seconds), chunk, seconds, peaks, skipped)
+
+
+class NoStrategyFits(RuntimeError):
+    """No candidate backend fits train.memory_budget (the message is one line)."""
+
+
+def choose(setting: str, model: torch.nn.Module, block, params: dict, spec: algorithm.RoundSpec,
+           agents: int, chunk: int, memory_budget_mb: float, recorded: str | None,
+           allgather: Callable[[object], list]) -> tuple[str, str]:
+    """The strategy this run uses and a one-line description of how it was chosen.
+
+    ``setting``: train.strategy; ``recorded``: the strategy stored in the checkpoint when resuming
+    (reused for "auto" so that a resumed run continues bit for bit); ``agents``: the per-rank
+    block size to time with; ``allgather``: every rank's value of an object (all ranks agree on
+    the candidate whose slowest rank is fastest).
+    """
+    if setting != "auto":
+        return setting, setting
+    if recorded:
+        return recorded, f"{recorded} (recorded in the checkpoint)"
+    cands = [c for c in CANDIDATES if c != "stacked" or backends.has_stacked_form(model)]
+    B = max(1, min(agents, block.num_agents))
+    ids = torch.arange(block.lo, block.lo + B, device=block.device)
+    one = dataclasses.replace(spec, local_steps=1)
+    idx, mask = algorithm.round_batches(block, one, 0, ids, ids - block.lo)
+    batches = metagrad.gather(block.X_train, block.Y_train, idx[:, 0], mask[:, 0])
+    stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in params.items()}
+
+    def step(cand: str, chunk_: int) -> None:
+        metagrad.meta_gradients(backends.make(model, cand, chunk_), stacked, batches, spec.meta)
+
+    mine = measure(step, block.device, chunk, B, memory_budget_mb, candidates=cands)
+    every = allgather((mine.seconds, mine.skipped))
+    usable = [c for c in cands if all(c in sec for sec, _ in every)]
+    if not usable:
+        raise NoStrategyFits(f"no execution strategy fits train.memory_budget = {memory_budget_mb} MB "
+                             f"({'; '.join(f'{c}: {w}' for c, w in mine.skipped.items())})")
+    mine.strategy = pick({c: max(sec[c] for sec, _ in every) for c in usable})
+    return mine.strategy, f"auto -> {mine.describe()}"

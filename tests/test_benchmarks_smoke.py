@@ -67,6 +67,27 @@ def test_hvp_variants_quick(tmp_path):
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
                     reason="no mpiexec")
+def test_peers_quick(tmp_path):
+    """Every column runs (pfl only where it is installed, else the JSON says why) and the start-up check."""
+    d = _run("peers", tmp_path, "--startup-runs", "1", timeout=420)
+    rows = {r["system"]: r for r in d["rows"]}
+    for system in ("mpifedmeta-2x1", "mpifedmeta-1xT", "loop-1xT"):
+        r = rows[system]
+        assert "error" not in r, r.get("error")
+        assert r["s_per_round"] > 0 and r["startup_s"] > 0 and r["peak_rss_mib"] > 0
+        assert len(r["round_times_s"]) == d["settings"]["rounds"]
+    assert rows["mpifedmeta-2x1"]["processes"] == 2
+    if "pfl-2x1" in rows:
+        assert "error" not in rows["pfl-2x1"], rows["pfl-2x1"].get("error")
+        assert rows["pfl-2x1"]["s_per_round"] > 0 and len(rows["pfl-2x1"]["worker_peak_rss_mib"]) == 2
+    else:
+        assert "pfl" in d["notes"]["pfl-2x1"]
+    assert len(d["machine"]["loadavg_start"]) == 3
+    assert d["startup"]["to_round1_start_s"] > 0
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
+                    reason="no mpiexec")
 def test_population_quick(tmp_path):
     d = _run("population", tmp_path, timeout=300)
     assert all(r["ok"] for r in d["rows"]) and {r["N"] for r in d["rows"]} == {1000, 100000}

@@ -40,7 +40,7 @@ def test_auto_strategy_is_recorded_and_reused_on_resume(tmp_path):
     with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
         chosen = f.attrs["strategy"]
         assert f.attrs["strategy_setting"] == "auto"
-    assert chosen in ("vmap", "chunked", "loop")
+    assert chosen in ("stacked", "vmap", "chunked", "loop")
     _, attrs = final_model(out)
     assert attrs["strategy"] == chosen
     # a resumed auto run continues with the recorded strategy, bit for bit
@@ -53,8 +53,8 @@ def test_auto_strategy_is_recorded_and_reused_on_resume(tmp_path):
 
 def test_strategies_give_the_same_training_run(tmp_path):
     models = {s: final_model(run_inprocess(tmp_path, s, [f"train.strategy={s}", "train.chunk=2", "train.dtype=float64"]))[0]
-              for s in ("vmap", "chunked", "loop")}
-    for s in ("chunked", "loop"):
+              for s in ("stacked", "vmap", "chunked", "loop")}
+    for s in ("stacked", "chunked", "loop"):
         for k in models["vmap"]:
             np.testing.assert_allclose(models[s][k], models["vmap"][k], rtol=1e-10, atol=1e-12)
 
@@ -126,7 +126,8 @@ def test_compile_option_matches_eager_or_falls_back():
     torch.manual_seed(0)
     from mpifedmeta.models import build_model, param_dict
     model = build_model("linear", (6,), 3).double()
-    loss = metagrad.make_loss(model)
+    from mpifedmeta import backends
+    backend = backends.make(model, "stacked")
     p = param_dict(model)
     B = 3
     stacked = {k: v.unsqueeze(0).repeat(B, *[1] * v.dim()) + 0.01 * torch.randn(B, *v.shape, dtype=v.dtype)
@@ -135,9 +136,10 @@ def test_compile_option_matches_eager_or_falls_back():
     for method in ("fo", "exact"):
         S = metagrad.num_slots(1, method)
         idx, mask = torch.randint(0, 40, (B, S, 8)), torch.ones(B, S, 8, dtype=torch.float64)
-        eager, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx, mask, 1, 0.1, method)
-        with __import__("warnings").catch_warnings(record=True):
-            compiled, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx, mask, 1, 0.1, method, compile=True)
+        idx, mask = idx[:, None].expand(B, 2, S, 8), mask[:, None].expand(B, 2, S, 8)   # τ = 2
+        meta = metagrad.MetaSpec(1, 0.1, method)
+        eager, _ = metagrad.local_update(backend, stacked, X, Y, idx, mask, meta, 0.5)
+        compiled, _ = metagrad.local_update(backend, stacked, X, Y, idx, mask, meta, 0.5, capture="compile")
         for k in eager:
             torch.testing.assert_close(compiled[k], eager[k], rtol=1e-10, atol=1e-12)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
+from mpifedmeta import backends
 from mpifedmeta import metagrad as mg
 from mpifedmeta.models import build_model, param_dict, unflatten
 
@@ -51,6 +52,12 @@ def rel(a: dict | torch.Tensor, b: dict | torch.Tensor) -> float:
     a = flat(a) if isinstance(a, dict) else a.reshape(-1)
     b = flat(b) if isinstance(b, dict) else b.reshape(-1)
     return float((a - b).norm() / b.norm())
+
+
+def bmg(P, params, idx, mask, nu, alpha, method="exact", delta=1e-3, strategy=None, chunk=64, recompute=False):
+    """mg.block_meta_gradients with P's model on the backend ``strategy`` (default: the model's default)."""
+    backend = backends.make(P.module, strategy or backends.default_strategy(P.module), chunk)
+    return mg.block_meta_gradients(backend, params, P.X, P.Y, idx, mask, mg.MetaSpec(nu, alpha, method, delta, recompute))
 
 
 def agent(p: dict[str, torch.Tensor], a: int) -> dict[str, torch.Tensor]:
@@ -193,7 +200,7 @@ def test_block_matches_independent_reference(model, nu):
     idx, mask = P.batches(mg.num_slots(nu, "exact"))
     errs = {}
     for method in mg.METHODS:
-        g, v = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, method, delta)
+        g, v = bmg(P, P.params, idx, mask, nu, alpha, method, delta)
         g_ref, v_ref = P.ref.block(P, P.params, idx, mask, nu, alpha, method=method, delta=delta)
         errs[method] = max_rel_agents(g, g_ref)
         errs[method + "_loss"] = float(((v - v_ref).abs() / v_ref.abs()).max())
@@ -218,7 +225,7 @@ def test_meta_gradient_matches_finite_differences_of_F(model, nu):
     idx = torch.randint(0, P.n, (P.B, 1, b), generator=P.gen)
     real = torch.tensor([9, 12])  # agent 0 has 3 padding entries pointing at real samples
     mask = (torch.arange(b) < real[:, None, None]).to(F64)
-    g, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, "exact")
+    g, _ = bmg(P, P.params, idx, mask, nu, alpha, "exact")
     worst = 0.0
     for a in range(P.B):
         rows = idx[a, 0, : int(real[a])]
@@ -242,8 +249,8 @@ def test_mask_padding_changes_the_gradient():
     P = Problem("linear", B=1, n=30)
     idx = torch.randint(0, P.n, (1, 1, 12), generator=P.gen)
     mask = (torch.arange(12) < 9).to(F64).reshape(1, 1, 12)
-    g_mask, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, 2, 0.2)
-    g_full, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, torch.ones_like(mask), 2, 0.2)
+    g_mask, _ = bmg(P, P.params, idx, mask, 2, 0.2)
+    g_full, _ = bmg(P, P.params, idx, torch.ones_like(mask), 2, 0.2)
     assert rel(g_mask, g_full) > 1e-2
 
 
@@ -259,7 +266,7 @@ def test_nu0_is_fedavg_gradient(model):
     errs = {}
     for method in mg.METHODS:
         for strategy in mg.STRATEGIES:
-            g, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, 0, 0.1, method,
+            g, _ = bmg(P, P.params, idx, mask, 0, 0.1, method,
                                            strategy=strategy, chunk=2)
             if strategy == "vmap":
                 for k in g:
@@ -279,7 +286,7 @@ def test_fo_is_gradient_at_theta_nu(model, nu):
     errs = []
     for slots in (nu + 1, 2 * nu + 1, 1):  # fo needs ν+1 slots; extra HVP slots are ignored
         idx, mask = P.batches(slots)
-        g, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, "fo")
+        g, _ = bmg(P, P.params, idx, mask, nu, alpha, "fo")
         for a in range(P.B):
             bt = [(P.X[idx[a, s]], P.Y[idx[a, s]], mask[a, s]) for s in range(slots)]
             bt = bt * (nu + 1) if slots == 1 else bt
@@ -297,10 +304,10 @@ def test_hf_converges_to_exact_as_delta_shrinks():
     P = Problem("linear", B=5, seed=3)
     nu, alpha = 2, 0.3
     idx, mask = P.batches(mg.num_slots(nu, "hf"))
-    exact, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, "exact")
+    exact, _ = bmg(P, P.params, idx, mask, nu, alpha, "exact")
     errs = []
     for delta in (1e-1, 1e-2, 1e-3, 1e-4):
-        hf, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, "hf", delta)
+        hf, _ = bmg(P, P.params, idx, mask, nu, alpha, "hf", delta)
         errs.append(max(rel(agent(hf, a), agent(exact, a)) for a in range(P.B)))
     report("5 hf->exact", **{f"delta={d:g}": e for d, e in zip((1e-1, 1e-2, 1e-3, 1e-4), errs)})
     for e1, e2 in zip(errs, errs[1:]):
@@ -338,15 +345,12 @@ def test_hvp_finite_difference_perturbs_along_v(model):
 def test_unrolled_equals_recursive_with_one_slot(model, nu):
     P = Problem(model, B=5, seed=20 + nu)
     idx, mask = P.batches(1, b=10)
-    rec, v_rec = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, 0.2, "exact")
-    unr, v_unr = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, 0.2, "exact",
-                                         unrolled=True)
+    rec, v_rec = bmg(P, P.params, idx, mask, nu, 0.2, "exact")
+    unr, v_unr = mg.block_meta_gradients_unrolled(P.loss, P.params, P.X, P.Y, idx, mask, nu, 0.2)
     err = max(rel(agent(unr, a), agent(rec, a)) for a in range(P.B))
     report(f"6 unrolled {model} nu={nu}", max_rel_err=err)
     assert err < 1e-10
     assert float((v_rec - v_unr).abs().max()) < 1e-13
-    with pytest.raises(ValueError):
-        mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, 0.2, "fo", unrolled=True)
 
 
 # --------------------------------------------------------------------------- 7. strategies
@@ -360,11 +364,11 @@ def test_strategies_agree(model, dtype, tol):
     idx, mask = P.batches(mg.num_slots(nu, "exact"))
     worst = {}
     for method in mg.METHODS:
-        out = {s: mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, method,
+        out = {s: bmg(P, P.params, idx, mask, nu, alpha, method,
                                           delta, strategy=s, chunk=2)
                for s in mg.STRATEGIES}
         g0, v0 = out["vmap"]
-        for s in ("chunked", "loop"):
+        for s in ("stacked", "chunked", "loop"):
             g, v = out[s]
             assert set(g) == set(g0) and all(g[k].shape == g0[k].shape for k in g)
             e = max(rel(agent(g, a), agent(g0, a)) for a in range(P.B))
@@ -373,7 +377,7 @@ def test_strategies_agree(model, dtype, tol):
     report(f"7 strategies {model} {str(dtype)[6:]}", **worst)
     assert max(worst.values()) < tol
     with pytest.raises(ValueError):
-        mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, strategy="nope", chunk=2)
+        bmg(P, P.params, idx, mask, nu, alpha, strategy="nope", chunk=2)
 
 
 # --------------------------------------------------------------------------- 8. local_update
@@ -383,7 +387,8 @@ def test_local_update_chains_tau_steps(method):
     P = Problem("mlp", B=5, seed=8)
     nu, alpha, beta, tau = 2, 0.2, 0.5, 3
     idx, mask = P.batches(mg.num_slots(nu, method), lead=(tau,))
-    w_lib, losses = mg.local_update(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, beta, method)
+    backend = backends.make(P.module, backends.default_strategy(P.module))
+    w_lib, losses = mg.local_update(backend, P.params, P.X, P.Y, idx, mask, mg.MetaSpec(nu, alpha, method), beta)
     assert losses.shape == (P.B, tau)
     # manual chained loop, with the independent reference meta-gradient
     errs, loss_err, gap = [], 0.0, []
@@ -401,7 +406,7 @@ def test_local_update_chains_tau_steps(method):
     # manual chained loop with the library's own block meta-gradient
     wb = P.params
     for t in range(tau):
-        g, _ = mg.block_meta_gradients(P.loss, wb, P.X, P.Y, idx[:, t], mask[:, t], nu, alpha, method)
+        g, _ = bmg(P, wb, idx[:, t], mask[:, t], nu, alpha, method)
         wb = axpy(-beta, g, wb)
     err_block = max(rel(agent(w_lib, a), agent(wb, a)) for a in range(P.B))
     report(f"8 local_update {method}", max_rel_err_vs_ref=max(errs), vs_block=err_block,
@@ -422,7 +427,7 @@ def test_hessians_at_theta0_to_nu_minus_1(model, nu):
     P = Problem(model, B=5, seed=9)
     alpha = 1.0  # large step: θ^1 far from θ^0, so H(θ^0) ≠ H(θ^1)
     idx, mask = P.batches(1, b=12)
-    g, _ = mg.block_meta_gradients(P.loss, P.params, P.X, P.Y, idx, mask, nu, alpha, "exact")
+    g, _ = bmg(P, P.params, idx, mask, nu, alpha, "exact")
     right, _ = P.ref.block(P, P.params, idx, mask, nu, alpha)
     wrong, _ = P.ref.block(P, P.params, idx, mask, nu, alpha, wrong_hessian_point=True)
     e_right = max_rel_agents(g, right)
@@ -448,8 +453,8 @@ def test_personalized_metrics(model, chunk):
     te_m = (torch.arange(max(nte)) < torch.tensor(nte)[:, None]).to(F64)
     w = agent(P.params, 0)
     ks, alpha = [0, 1, 3], 0.5
-    losses, accs = mg.personalized_metrics(P.loss, P.logits, w, P.X, P.Y, tr_idx, tr_m, Xte, Yte,
-                                           te_idx, te_m, ks, alpha, chunk=chunk)
+    losses, accs = mg.personalized_metrics(backends.make(P.module, "stacked"), w, mg.Split(P.X, P.Y, tr_idx, tr_m),
+                                           mg.Split(Xte, Yte, te_idx, te_m), ks, alpha, chunk=chunk)
     assert losses.shape == accs.shape == (3, len(ks))
     ref = P.ref
     el, ea = 0.0, 0.0
@@ -482,7 +487,7 @@ def test_recompute_gives_the_same_meta_gradient(method, nu):
     """train.recompute: iterates recomputed in the backward pass instead of stored — same numbers."""
     torch.manual_seed(3)
     model = build_model("mlp", (1, 8, 8), 10, (12,)).double()
-    loss = mg.make_loss(model)
+    backend = backends.make(model, "stacked")
     p = {k: v.detach() for k, v in model.named_parameters()}
     B = 4
     stacked = {k: v.unsqueeze(0).repeat(B, *[1] * v.dim()) + 0.05 * torch.randn(B, *v.shape, dtype=v.dtype)
@@ -490,8 +495,8 @@ def test_recompute_gives_the_same_meta_gradient(method, nu):
     X, Y = torch.randn(60, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (60,))
     S = mg.num_slots(nu, method)
     idx, mask = torch.randint(0, 60, (B, S, 8)), torch.ones(B, S, 8, dtype=torch.float64)
-    stored, v1 = mg.block_meta_gradients(loss, stacked, X, Y, idx, mask, nu, 0.1, method)
-    again, v2 = mg.block_meta_gradients(loss, stacked, X, Y, idx, mask, nu, 0.1, method, recompute=True)
+    stored, v1 = mg.block_meta_gradients(backend, stacked, X, Y, idx, mask, mg.MetaSpec(nu, 0.1, method))
+    again, v2 = mg.block_meta_gradients(backend, stacked, X, Y, idx, mask, mg.MetaSpec(nu, 0.1, method, recompute=True))
     assert torch.equal(v1, v2)
     for k in stored:
         torch.testing.assert_close(again[k], stored[k], rtol=1e-13, atol=1e-15)

@@ -108,7 +108,7 @@ def _summed_limbs(s, ds, params, split):
     w = algorithm.aggregation_weights(COHORT, s.train_counts, "samples")
     total = None
     for lo, hi in split:
-        limbs, bad = algorithm.local_round(s.loss, _block(s, ds, lo, hi), params, s.spec, 1, COHORT, w)
+        limbs, bad = algorithm.local_round(s.backend, _block(s, ds, lo, hi), params, s.spec, 1, COHORT, w)
         assert bad == 0
         total = limbs.numpy() if total is None else total + limbs.numpy()
     return total
@@ -117,7 +117,7 @@ def _summed_limbs(s, ds, params, split):
 def _eval_rows(s, ds, params, split):
     from mpifedmeta import algorithm
     ids = np.array([0, 3, 6, 10, 11], dtype=np.int64)
-    return np.concatenate([algorithm.evaluate_block(s.loss, s.logits, _block(s, ds, lo, hi), params, ids,
+    return np.concatenate([algorithm.evaluate_block(s.backend, _block(s, ds, lo, hi), params, ids,
                                                     [0, 1, 2], 0.05, 256) for lo, hi in split])
 
 

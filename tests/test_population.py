@@ -213,7 +213,7 @@ def test_agents_generated_per_round_are_the_cohort_and_per_evaluation_the_evalua
     for r in (1, 2):
         cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, 6)
         w = algorithm.aggregation_weights(cohort, s.train_counts, "samples")
-        algorithm.local_round(s.loss, runner.cohort_block(s, cohort), params, s.spec, r, cohort, w)
+        algorithm.local_round(s.backend, runner.cohort_block(s, cohort), params, s.spec, r, cohort, w)
         assert np.array_equal(made[-1], cohort)
     made.clear()
     row = runner.evaluate(s, params, 0)
@@ -236,7 +236,7 @@ def test_round_does_not_depend_on_how_the_cohort_is_shared():
             total = 0
             for r in range(P):
                 blk = s.population.build(population.share(cohort, r, P), s.device, s.dtype, widths)
-                limbs, bad = algorithm.local_round(s.loss, blk, params, s.spec, 1, cohort, w)
+                limbs, bad = algorithm.local_round(s.backend, blk, params, s.spec, 1, cohort, w)
                 assert bad == 0
                 total = total + limbs.numpy()
             sums.append(total)
@@ -249,7 +249,7 @@ def test_a_rank_with_no_share_of_the_cohort_contributes_nothing():
     params = runner.initial_params(s)
     blk = s.population.build(np.zeros(0, dtype=np.int64), s.device, s.dtype, (5, 2))
     assert blk.num_agents == 0
-    limbs, bad = algorithm.local_round(s.loss, blk, params, s.spec, 1, np.array([3, 9]), np.array([0.5, 0.5]))
+    limbs, bad = algorithm.local_round(s.backend, blk, params, s.spec, 1, np.array([3, 9]), np.array([0.5, 0.5]))
     assert bad == 0 and not limbs.any()
 
 

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from mpifedmeta import metagrad
+from mpifedmeta import backends, metagrad
 from mpifedmeta.data import load_dataset
 from mpifedmeta.models import build_model, param_dict
 
@@ -33,7 +33,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.float64):
             torch.manual_seed(0)
             model = build_model(name, tuple(ds.x.shape[1:]), 10, None).to(dtype)
-            loss = metagrad.make_loss(model)
+            backend = backends.make(model, "stacked")
             X, Y = torch.as_tensor(ds.x, dtype=dtype), torch.as_tensor(ds.y)
             p = param_dict(model)
             B = args.agents
@@ -43,14 +43,14 @@ def main() -> None:
                 S = metagrad.num_slots(nu, "exact")
                 idx = torch.randint(0, len(X), (B, S, 32), generator=g)
                 mask = torch.ones(B, S, 32, dtype=dtype)
-                ex, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx, mask, nu, args.alpha, "exact")
-                hf, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx, mask, nu, args.alpha, "hf",
-                                                      args.delta)
+                ex, _ = metagrad.block_meta_gradients(backend, stacked, X, Y, idx, mask, metagrad.MetaSpec(nu, args.alpha, "exact"))
+                hf, _ = metagrad.block_meta_gradients(backend, stacked, X, Y, idx, mask,
+                                                      metagrad.MetaSpec(nu, args.alpha, "hf", args.delta))
                 e = torch.cat([v.reshape(B, -1) for v in ex.values()], 1).double()
                 h = torch.cat([v.reshape(B, -1) for v in hf.values()], 1).double()
                 # the error of the Hessian term only: compare against the first-order part removed
-                fo, _ = metagrad.block_meta_gradients(loss, stacked, X, Y, idx[:, :nu + 1], mask[:, :nu + 1], nu,
-                                                      args.alpha, "fo")
+                fo, _ = metagrad.block_meta_gradients(backend, stacked, X, Y, idx[:, :nu + 1], mask[:, :nu + 1],
+                                                      metagrad.MetaSpec(nu, args.alpha, "fo"))
                 f = torch.cat([v.reshape(B, -1) for v in fo.values()], 1).double()
                 rel = ((h - e).norm(dim=1) / e.norm(dim=1)).numpy()
                 rel_h = ((h - e).norm(dim=1) / (e - f).norm(dim=1).clamp_min(1e-300)).numpy()
