@@ -255,6 +255,8 @@ def main(argv=None) -> int:
                     help='torch threads on CPU: N, 0 = torch default, or "auto" (default) = the cores not kept busy by '
                          'other processes (load average), see common.choose_threads')
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput.json)")
+    ap.add_argument("--agreement-only", action="store_true",
+                    help="only the start-up check baseline vs engine for --models/--methods; exit 1 on a mismatch")
     args = ap.parse_args(argv)
 
     device = common.pick_device(args.device)
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
           f"{'mpifedmeta.strategy.' + auto_available() if auto_available() else 'not available'}")
     t_start = time.perf_counter()
 
-    models = sorted({g[0] for g in grid} | {"mlp"}) if not args.quick else ["mlp"]
+    models = sorted({g[0] for g in grid} | ({"mlp"} if not args.agreement_only else set())) if not args.quick else ["mlp"]
     methods = sorted({g[2] for g in grid})
     check = agreement_check(models, methods, [s for s in args.strategies if s != "compiled"], device)
     print("\nagreement baseline vs engine (float32, ν=2, 4 agents; tolerance 1e-4 relative):")
@@ -289,6 +291,11 @@ def main(argv=None) -> int:
               f"meta-loss rel. err {r['rel_err_loss']:.2e}  {'OK' if r['ok'] else 'MISMATCH'}")
     if not all(r["ok"] for r in check):
         print("warning: the baseline disagrees with the engine beyond 1e-4; timings compare different computations")
+    if args.agreement_only:
+        path = common.write_json(common.out_path(args.out, "agreement"), {"benchmark": "agreement", "machine": info,
+                                                                          "agreement": check})
+        print(f"wrote {path}")
+        return 0 if all(r["ok"] for r in check) else 1
 
     rows = []
     for model, nu, method, B in grid:

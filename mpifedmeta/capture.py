@@ -24,12 +24,14 @@ from . import metagrad
 _compiled: dict = {}
 _graphs: dict = {}
 _failed: dict = {}
+ANNOUNCE = True     # the runner sets False on ranks other than 0: the notice is printed once per job
 
 
 def _notice(key, text: str) -> None:
     if key not in _failed:
         _failed[key] = text
-        print(f"mpifedmeta: train.compile: {text}; running the local round eagerly", file=sys.stderr, flush=True)
+        if ANNOUNCE:
+            print(f"mpifedmeta: train.compile: {text}; running the local round eagerly", file=sys.stderr, flush=True)
 
 
 def _signature(backend, params, X, idx, mask, meta, beta):

@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.install_abort_handler(world)
     if args.command == "info":
         from .info import print_info
-        print_info(world)
-        return 0
+        return print_info(world)
     try:
         if args.command == "run":
             cfg, err = _on_every_rank(world, lambda: load(args.config, args.overrides))

@@ -92,6 +92,12 @@ def _capture(v):
     return None if isinstance(v, bool) or v in CAPTURES else f"must be true, false or one of {', '.join(CAPTURES)}"
 
 
+def _agent_chunk(v):
+    if isinstance(v, str):
+        return None if v == "auto" else 'must be "auto" or an integer >= 0'
+    return None if v >= 0 else 'must be "auto" or an integer >= 0'
+
+
 def _agents(v):
     if isinstance(v, str):
         return None if v == "all" else 'must be "all" or a positive integer'
@@ -142,6 +148,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),
         "compile": Key(False, (bool, str), _capture, 'capture the whole local round: false/"off", true/"compile" (torch.compile), "cudagraphs" (CUDA only); eager fallback with a notice', **_RUN_ONLY),
         "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU", **_RUN_ONLY),
+        "agent_chunk": Key("auto", (int, str), _agent_chunk, 'agents per batched call, the last chunk padded with dummy agents, so that kernel shapes do not depend on the number of ranks (0 = off: one call per block; "auto" = 32 on CUDA, 0 on CPU)', **_RUN_ONLY),
+        "allow_tf32": Key(False, (bool,), None, "let CUDA float32 matmuls and cuDNN convolutions use TF32 (~1e-3 relative error; not allowed with metagrad = hf in float32)"),
         "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)", **_RUN_ONLY),
     },
     "eval": {
@@ -260,6 +268,9 @@ def validate(raw: dict) -> Config:
                                   f"(more than {MAX_EVALUATED}); set eval.{key} to a sample size, e.g. 1000")
     if t["metagrad"] == "hf" and t["dtype"] == "float32" and t["hf_delta"] < 1e-5:
         raise ConfigError(f"train.hf_delta = {t['hf_delta']} is below float32 resolution for finite differences; use >= 1e-5 or train.dtype = 'float64'")
+    if t["allow_tf32"] and t["metagrad"] == "hf" and t["dtype"] == "float32":
+        raise ConfigError("train.allow_tf32 = true with train.metagrad = 'hf' in float32: TF32 rounding (~1e-3 relative) "
+                          "divided by 2*hf_delta swamps the Hessian-free HVP; use exact, fo or train.dtype = 'float64'")
     return Config(out)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import devices
+
 
 class LaunchError(RuntimeError):
     """The job was started in a way that cannot work (e.g. srun without an MPI plugin)."""
@@ -99,17 +101,34 @@ def block_range(num_agents: int, size: int, rank: int) -> tuple[int, int]:
     return num_agents * rank // size, num_agents * (rank + 1) // size
 
 
-def choose_device(world: World, preference: str = "auto", threads: int = 0) -> torch.device:
-    """This rank's device: GPU ``local_rank % visible GPUs`` when CUDA is usable, else the CPU with
-    torch threads set so that the node's ranks do not oversubscribe its cores."""
+def choose_device(world: World, preference: str = "auto", threads: int = 0,
+                  allow_tf32: bool = False) -> torch.device:
+    """This rank's device (``train.device``: "auto" = CUDA when torch sees a GPU, else the CPU).
+
+    GPU: :func:`devices.gpu_index` of the node-local rank (device 0 when each rank sees one GPU,
+    e.g. ``srun --gpus-per-task=1``; ``local_rank % visible`` when every rank sees the node's GPUs,
+    e.g. ``mpiexec`` inside an allocation), its context created now (a GPU that cannot be used is
+    a LaunchError), TF32 off unless ``allow_tf32``, deterministic kernels. Every rank also sets
+    its torch CPU threads (``threads``, else its share of the node's cores)."""
+    torch.set_num_threads(threads if threads > 0 else cpu_threads_per_rank(world))
     if preference in ("auto", "cuda") and torch.cuda.is_available():
-        index = world.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+        devices.set_deterministic_cuda()          # before the context: CUBLAS_WORKSPACE_CONFIG
+        devices.set_tf32(allow_tf32)
+        try:
+            return devices.open_cuda(devices.gpu_index(world.local_rank, torch.cuda.device_count()))
+        except RuntimeError as e:
+            raise LaunchError(str(e)) from None
     if preference == "cuda":
         raise LaunchError("train.device = 'cuda' but torch sees no usable GPU on this rank")
-    torch.set_num_threads(threads if threads > 0 else cpu_threads_per_rank(world))
     return torch.device("cpu")
+
+
+def device_map(world: World, device: torch.device) -> tuple[list[dict], str | None, list[str]]:
+    """Every rank's (host, device) record, and the mapping's error and warnings (same on every rank)."""
+    import socket
+    records = allgather(world, devices.device_record(socket.gethostname(), device))
+    error, warnings = devices.mapping_problems(records)
+    return records, error, warnings
 
 
 def cpu_threads_per_rank(world: World) -> int:
@@ -122,16 +141,6 @@ def cpu_threads_per_rank(world: World) -> int:
     return max(1, available if bound else available // world.local_size)
 
 
-def cuda_aware() -> bool:
-    """True when the MPI library reports CUDA support (then GPU buffers could go to MPI directly)."""
-    MPI = _mpi()
-    query = getattr(MPI, "Query_cuda_support", None)
-    try:
-        return bool(query()) if query else False
-    except Exception:
-        return False
-
-
 def allreduce_sum(world: World, buffer: np.ndarray) -> np.ndarray:
     """In-place SUM Allreduce of a contiguous numpy buffer (int64 buffers sum exactly)."""
     if world.size > 1:
@@ -139,19 +148,33 @@ def allreduce_sum(world: World, buffer: np.ndarray) -> np.ndarray:
     return buffer
 
 
-def allreduce_tensor(world: World, buffer: torch.Tensor) -> np.ndarray:
-    """SUM Allreduce of a contiguous tensor; returns the result as a host numpy array.
+class HostStage:
+    """One reused host buffer through which device tensors are summed over ranks.
 
-    A GPU buffer goes to MPI directly when the MPI library is CUDA-aware, else it is staged
-    through host memory (the default with the PyPI mpich wheel).
+    The exact sums are decoded on the host anyway, so the device buffer is copied once into this
+    buffer (page-locked when the device is a GPU: a faster copy, and no new allocation per round)
+    and the Allreduce runs on it. Returned arrays are views into the buffer: valid until the next call.
     """
-    if world.size > 1 and buffer.is_cuda and cuda_aware():
-        buffer = buffer.contiguous()
-        torch.cuda.current_stream(buffer.device).synchronize()
-        world.comm.Allreduce(_mpi().IN_PLACE, buffer, op=_mpi().SUM)
-        return buffer.cpu().numpy()
-    host = np.ascontiguousarray(buffer.cpu().numpy())
-    return allreduce_sum(world, host)
+
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.int64):
+        self.device, self.dtype = device, dtype
+        self.host = torch.empty(0, dtype=dtype)
+
+    def view(self, n: int) -> np.ndarray:
+        """The first ``n`` elements of the buffer as numpy (grown, and pinned on CUDA, when needed)."""
+        if self.host.numel() < n:
+            self.host = torch.empty(n, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        return self.host[:n].numpy()
+
+    def allreduce(self, world: World, tensor: torch.Tensor, extra: np.ndarray | None = None) -> np.ndarray:
+        """SUM over ranks of ``tensor`` (flattened) followed by ``extra`` host values: one device-to-host
+        copy, one Allreduce. Returns a view of the reduced buffer."""
+        n = tensor.numel()
+        out = self.view(n + (0 if extra is None else len(extra)))
+        self.host[:n].copy_(tensor.reshape(-1))       # synchronous: the values are on the host after it
+        if extra is not None:
+            out[n:] = extra
+        return allreduce_sum(world, out)
 
 
 def max_min(world: World, value: float) -> tuple[float, float]:

@@ -30,10 +30,16 @@ def encode_sum(values: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi.to(torch.int64).sum(0), lo.to(torch.int64).sum(0)])
 
 
-def out_of_range(values: torch.Tensor) -> int:
-    """How many terms :func:`encode_sum` could not represent (non-finite or |v| ≥ 2¹⁶)."""
+def count_out_of_range(values: torch.Tensor) -> torch.Tensor:
+    """How many terms :func:`encode_sum` could not represent (non-finite or |v| ≥ 2¹⁶), as a 0-dim
+    int64 tensor on the values' device (no host synchronisation)."""
     v = values.to(torch.float64)
-    return int((~torch.isfinite(v) | (v.abs() >= LIMIT)).sum())
+    return (~torch.isfinite(v) | (v.abs() >= LIMIT)).sum()
+
+
+def out_of_range(values: torch.Tensor) -> int:
+    """:func:`count_out_of_range` as a Python int."""
+    return int(count_out_of_range(values))
 
 
 def decode(limbs: np.ndarray | torch.Tensor) -> np.ndarray:

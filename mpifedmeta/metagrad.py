@@ -53,14 +53,6 @@ class MetaSpec:
             raise ValueError(f"metagrad must be one of {METHODS}, got {self.method!r}")
 
 
-@dataclass(frozen=True)
-class ExecSpec:
-    """How a block is computed: the backend (train.strategy), vmap chunk, optional capture."""
-    strategy: str = "stacked"
-    chunk: int = 64
-    capture: str = "off"
-
-
 def capture_mode(value) -> str:
     """train.compile as a capture mode: false → "off", true → "compile", or the string itself."""
     if value is True:

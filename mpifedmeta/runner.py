@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, algorithm, backends, dist, exactsum, io, metagrad, population, rng, signals
+from . import __version__, algorithm, backends, capture, devices, dist, exactsum, io, metagrad, population, rng, signals
 from .config import Config, ConfigError, from_json, keys_where
 from .console import Progress, final_table, say
 from .data import DataError
@@ -50,6 +50,8 @@ class Setup:
     spec: algorithm.RoundSpec
     backend: object = None       # mpifedmeta.backends; train.strategy = "auto" is resolved by choose_strategy
     strategy: str = ""
+    stage: dist.HostStage = None     # the reused host buffer of the Allreduces
+    device_map: list = None          # every rank's (host, device) record
     population: object = None
     eval_widths: tuple = (1, 1)  # generated populations: padding widths of the evaluated agents
 
@@ -58,7 +60,7 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     """Everything a rank needs before round 1; errors on any rank become one BadInput everywhere."""
     err = None
     try:
-        device = dist.choose_device(world, cfg.train.device, cfg.train.threads)
+        device = dist.choose_device(world, cfg.train.device, cfg.train.threads, cfg.train.allow_tf32)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
         pop = population.make_population(cfg.data, cfg.train.seed, cfg.train.dtype)
         N = pop.num_agents
@@ -82,6 +84,11 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     err = dist.first_error(world, err)
     if err:
         raise BadInput(err)
+    records, err, warnings = dist.device_map(world, device)
+    if err:
+        raise BadInput(err)
+    for w in warnings:
+        say(world, f"mpifedmeta: warning: {w}", err=True)
     num_train = N - H
     if cfg.eval.agents == "all" or cfg.eval.agents >= num_train:
         eval_ids = np.arange(num_train, dtype=np.int64)
@@ -95,13 +102,14 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     t = cfg.train
     spec = algorithm.RoundSpec(t.seed, t.local_steps, t.beta, t.batch_size,
                                metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
-                               metagrad.capture_mode(t.compile))
+                               metagrad.capture_mode(t.compile), devices.resolve_agent_chunk(t.agent_chunk, device.type))
     setup_ = Setup(cfg, world, device, dtype, getattr(pop, "partition", None), block, model, metagrad.make_loss(model),
                    metagrad.make_logits(model), num_train, pop.train_counts, eval_ids, holdout_ids, spec, backend,
-                   strategy, pop)
+                   strategy, dist.HostStage(device), records, pop)
     if not pop.resident:
         setup_.eval_widths = population.widths(pop, np.concatenate([eval_ids, holdout_ids]))
     model.requires_grad_(False)
+    capture.ANNOUNCE = world.is_root          # train.compile's fallback notice: one line, rank 0
     return setup_
 
 
@@ -111,7 +119,7 @@ def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
     from . import strategy as strat
 
     t = s.cfg.train
-    per_rank = -(-t.agents_per_round // s.world.size)
+    per_rank = s.spec.agent_chunk or -(-t.agents_per_round // s.world.size)   # the block size the calls will see
     blk = s.block
     if blk is None and t.strategy == "auto" and not recorded:   # generated: time on a share-sized block
         first = np.arange(min(per_rank, s.num_train), dtype=np.int64)
@@ -164,7 +172,8 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
     rows = np.concatenate([np.zeros((0, 1 + 2 * len(ks)))] + [
-        algorithm.evaluate_block(s.backend, blk, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk)
+        algorithm.evaluate_block(s.backend, blk, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk,
+                                 s.spec.agent_chunk)
         for blk in _eval_blocks(s, ids)])
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
@@ -173,8 +182,8 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
         limbs = torch.zeros(2, d + 1, dtype=torch.int64, device=s.device)
         for blk in _stationarity_blocks(s):
             limbs += algorithm.stationarity_block(s.backend, blk, params, s.num_train, s.cfg.train.nu,
-                                                  s.cfg.train.alpha, s.cfg.eval.chunk)
-        total = exactsum.decode(dist.allreduce_tensor(s.world, limbs.reshape(-1)).reshape(2, -1))
+                                                  s.cfg.train.alpha, s.cfg.eval.chunk, s.spec.agent_chunk)
+        total = exactsum.decode(s.stage.allreduce(s.world, limbs).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
     if not s.world.is_root:
         return None
@@ -224,7 +233,7 @@ def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int,
     t_compute = time.perf_counter() - tc
     _maybe_inject_failure(s.world, r)
     stop = 1 if signals.requested() else 0
-    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, limbs, [bad, stop], params)
+    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, s.stage, limbs, bad, [stop], params)
     # every rank's compute time, max and min: load imbalance told apart from communication
     timings["compute_time"], timings["compute_time_min"] = dist.max_min(s.world, t_compute)
     return new_params, meta_loss, bad, stop, timings
@@ -351,13 +360,23 @@ def start_new(cfg: Config, world: dist.World) -> int:
 
 
 def _ckpt_attrs(s: Setup, wall: float) -> dict:
-    return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)"}
+    return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)",
+            "agent_chunk": s.spec.agent_chunk}
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
             "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
-            "world_size_at_start": s.world.size}
+            "world_size_at_start": s.world.size, **_device_attrs(s)}
+
+
+def _device_attrs(s: Setup) -> dict:
+    """What the results' bits depend on besides the config: device, fixed agent chunk, numerics."""
+    cuda = s.device.type == "cuda"
+    names = sorted({f"{r['name']}" + (f" ({r['sms']} SMs)" if r.get("sms") else "") for r in s.device_map})
+    return {"device": s.device.type, "device_names": "; ".join(names), "agent_chunk": int(s.spec.agent_chunk),
+            "tf32": bool(cuda and s.cfg.train.allow_tf32), "cuda_deterministic": cuda,
+            "cuda_version": str(torch.version.cuda or "")}
 
 
 def resume(out_dir: str, world: dist.World, rounds: int | None = None) -> int:

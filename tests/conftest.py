@@ -4,6 +4,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import TEST_DEVICE  # noqa: E402  (MPIFEDMETA_TEST_DEVICE: cpu by default, or cuda)
 
 
 @pytest.fixture
@@ -19,9 +22,35 @@ def cli_env():
     env["PYTHONUNBUFFERED"] = "1"
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.pop("MPIFEDMETA_INJECT_FAILURE", None)
+    if TEST_DEVICE == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+@pytest.fixture
+def device():
+    """The device in-process tests put their blocks on: MPIFEDMETA_TEST_DEVICE (default cpu).
+
+    The suite passes unchanged on a GPU machine: by default everything (CLI subprocesses included,
+    through CUDA_VISIBLE_DEVICES="") runs on the CPU; MPIFEDMETA_TEST_DEVICE=cuda runs it on the GPU."""
+    import torch
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("MPIFEDMETA_TEST_DEVICE=cuda but torch sees no GPU")
+    return torch.device(TEST_DEVICE)
+
+
+@pytest.fixture
+def gpu():
+    """The device of @pytest.mark.cuda tests: the GPU; skipped without one, unless
+    MPIFEDMETA_CUDA_TESTS_ON_CPU=1 (a dry run of the tests' logic on the CPU)."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("MPIFEDMETA_CUDA_TESTS_ON_CPU") == "1":
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA GPU")

@@ -17,6 +17,11 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)          # the venv's bin/ (python, mpiexec, mpifedmeta)
 TIMEOUT = 120                                   # seconds: no subprocess can hang CI
+# Where the tests run: "cpu" (default, even on a GPU machine: CLI subprocesses get CUDA_VISIBLE_DEVICES="")
+# or "cuda" (MPIFEDMETA_TEST_DEVICE=cuda: the suite on the GPU).
+TEST_DEVICE = os.environ.get("MPIFEDMETA_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise SystemExit(f"MPIFEDMETA_TEST_DEVICE = {TEST_DEVICE!r}: must be cpu or cuda")
 
 # A tiny run on the bundled digits data: a few seconds per process, mostly start-up.
 TINY_TOML = """\
@@ -82,6 +87,8 @@ def cli_env(extra: dict | None = None) -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("MPIFEDMETA_INJECT_FAILURE", None)
+    if TEST_DEVICE == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""       # auto = CPU, as on a machine without a GPU
     # pytest-mpi / a surrounding mpiexec must not leak into the child jobs
     for k in list(env):
         if k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_")):

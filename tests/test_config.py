@@ -331,7 +331,7 @@ def test_names_come_from_the_registries(monkeypatch):
 
 
 def test_key_flags():
-    run_only = {"train": ("strategy", "chunk", "memory_budget", "recompute", "compile", "device", "threads"),
+    run_only = {"train": ("strategy", "chunk", "memory_budget", "recompute", "compile", "device", "threads", "agent_chunk"),
                 "eval": ("chunk",), "output": ("dir", "checkpoint_every", "keep", "progress_every")}
     resumable = config.keys_where("resumable")
     not_experiment = config.keys_where("experiment", False)

@@ -15,7 +15,8 @@ from mpifedmeta.dist import World
 from mpifedmeta.report import experiment_groups, load_run, make_report
 
 TINY = ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=4", "train.local_steps=2",
-        "train.rounds=3", "eval.every=3", "model.hidden=[16]", "eval.finetune_steps=[0,1]"]
+        "train.rounds=3", "eval.every=3", "model.hidden=[16]", "eval.finetune_steps=[0,1]",
+        f'train.device="{os.environ.get("MPIFEDMETA_TEST_DEVICE", "cpu")}"']
 
 
 def serial_world():
@@ -65,18 +66,18 @@ def test_stationarity_matches_a_direct_per_agent_computation(tmp_path):
     cfg = config.load(None, TINY + ["train.dtype=float64", "model.name=linear", "train.nu=2", "train.alpha=0.3"])
     s = runner.setup(cfg, serial_world())
     params, _ = final_model(out)
-    params = {k: torch.as_tensor(v) for k, v in params.items()}
-    grads, values = [], []
     blk = s.block
+    params = {k: torch.as_tensor(v, device=blk.device) for k, v in params.items()}
+    grads, values = [], []
     for a in range(s.num_train):      # per-agent loop with plain autograd on the full training split
-        rows = torch.arange(int(blk.train_offset[a]), int(blk.train_offset[a] + blk.train_count[a]))
+        rows = torch.arange(int(blk.train_offset[a]), int(blk.train_offset[a] + blk.train_count[a]), device=blk.device)
         idx = rows.view(1, -1)
-        mask = torch.ones(1, len(rows), dtype=torch.float64)
+        mask = torch.ones(1, len(rows), dtype=torch.float64, device=blk.device)
         g, v = metagrad.agent_meta_gradient_autograd(s.loss, params, blk.X_train, blk.Y_train, idx, mask,
                                                      2, 0.3, "exact")
         grads.append(torch.cat([t.reshape(-1) for t in g.values()]))
         values.append(float(v))
-    full = torch.stack(grads).mean(0)
+    full = torch.stack(grads).mean(0).cpu()
     run = io.read_run(out)
     gn, F = run.grad_norm_sq[-1], run.meta_loss_full[-1]
     assert np.isfinite(run.grad_norm_sq).all()

@@ -21,7 +21,7 @@ import torch
 
 from helpers import (assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_path,
                      checkpoint_rounds, cli_env, describe, final_model, mpifedmeta_cmd, read_metrics,
-                     read_model, run_cli, sets, write_tiny_config)
+                     read_model, run_cli, sets, write_tiny_config, TEST_DEVICE)
 
 ROUNDS = 3
 
@@ -86,7 +86,8 @@ def _block_setup(batch_size, dtype):
         cfg = config.load(None, ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=3",
                                  "train.local_steps=2", "train.nu=2", "train.alpha=0.05", "train.beta=0.05",
                                  "model.hidden=[16]", "data.partition=\"dirichlet\"", f"train.batch_size={batch_size}",
-                                 f"train.dtype=\"{dtype}\"", "output.dir=\"/nonexistent/never-written\""])
+                                 f"train.dtype=\"{dtype}\"", "output.dir=\"/nonexistent/never-written\"",
+                                 f"train.device=\"{TEST_DEVICE}\""])
         threads = torch.get_num_threads()
         s = runner.setup(cfg, _world(MPI.COMM_SELF))
         torch.set_num_threads(threads)
@@ -110,7 +111,7 @@ def _summed_limbs(s, ds, params, split):
     for lo, hi in split:
         limbs, bad = algorithm.local_round(s.backend, _block(s, ds, lo, hi), params, s.spec, 1, COHORT, w)
         assert bad == 0
-        total = limbs.numpy() if total is None else total + limbs.numpy()
+        total = limbs.cpu().numpy() if total is None else total + limbs.cpu().numpy()
     return total
 
 
@@ -349,14 +350,15 @@ def _tiny_cfg(out_dir, *extra):
                               "train.local_steps=2", "train.nu=2", "train.alpha=0.05", "train.beta=0.05",
                               "train.batch_size=8", "train.rounds=3", "eval.every=2", "eval.finetune_steps=[0, 1]",
                               "model.hidden=[16]", "output.checkpoint_every=2",
-                              f'output.dir="{out_dir}"', *extra])
+                              f'output.dir="{out_dir}"', f'train.device="{TEST_DEVICE}"', *extra])
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("extra", [[], ["train.agents_per_round=1"],
                                    ["train.dtype=\"float64\"", "train.weighting=\"samples\"",
-                                    "data.partition=\"dirichlet\"", "train.agents_per_round=2"]],
-                         ids=["cohort5", "cohort1", "float64-samples-dirichlet"])
+                                    "data.partition=\"dirichlet\"", "train.agents_per_round=2"],
+                                   ["train.agent_chunk=2", "eval.stationarity=true"]],
+                         ids=["cohort5", "cohort1", "float64-samples-dirichlet", "agent-chunk-2"])
 def test_inprocess_run_on_world_equals_run_on_self(extra):
     """A run on COMM_WORLD (all ranks) is bit-identical to a run on COMM_SELF by rank 0 alone; with
     agents_per_round=1, every round has ranks that own no sampled agent."""
@@ -383,7 +385,8 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
                     assert ma["train/round"].tolist() == [1, 2, 3]
                     if "train.agents_per_round=1" in extra:
                         assert ma["train/num_sampled"].tolist() == [1, 1, 1]
-                    for name in ("train/meta_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc"):
+                    for name in ("train/meta_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc",
+                                 "eval/train_agent_loss", "eval/grad_norm_sq"):
                         assert arrays_identical(ma[name], mb[name]), name
                     assert checkpoint_rounds(os.path.join(base, "world")) == [0, 2, 3]
             except Exception as e:                                  # reported on every rank below
