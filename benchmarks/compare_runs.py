@@ -17,7 +17,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mpifedmeta import io  # noqa: E402
 
-TIMINGS = ("wall_time", "round_time", "allreduce_time")
+def is_timing(column: str) -> bool:
+    """Measured times (wall_time, round_time, allreduce_time, compute_time, ...) differ between runs by nature."""
+    return "time" in column
 
 
 def identical(a: np.ndarray, b: np.ndarray) -> bool:
@@ -31,7 +33,7 @@ def load(out: str):
     if not ckpts:
         raise io.OutputError(f"{out}: no checkpoints")
     round_, params, _, _ = io.read_checkpoint(ckpts[-1][1])
-    tables = {f"{g}/{k}": v for g in ("train", "eval") for k, v in io.read_table(out, g).items() if k not in TIMINGS}
+    tables = {f"{g}/{k}": v for g in ("train", "eval") for k, v in io.read_table(out, g).items() if not is_timing(k)}
     return round_, params, tables
 
 

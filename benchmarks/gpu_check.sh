@@ -8,7 +8,7 @@
 # Steps: install check; `mpifedmeta info` on 2 ranks; the quickstart on P = 1, 2, 3 ranks and P = 1 again,
 # final checkpoints and metrics compared bit for bit; throughput of the MLP, nu in {1, 5}, exact, 32 and 256
 # agents per GPU, engine vs the per-agent loop; peak memory at nu = 5 with 256 agents; the CNN agreement
-# check (engine vs per-agent loop, exact/fo/hf); the CUDA-marked tests. Run it from the repository root with
+# check (every engine backend vs the per-agent loop, exact/fo); the CUDA-marked tests. Run it from the repository root with
 # the venv active (or MPIEXEC=... / PYTHON=... set). Exit status: 0 when every step passed, else 1.
 set -u
 usage() { echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--device cuda|cpu]" >&2; exit 2; }
@@ -93,8 +93,10 @@ step compare_checkpoints 60 "$PYTHON" benchmarks/compare_runs.py "$OUT/quickstar
 step throughput_mlp 300 "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --models mlp --methods exact \
   --strategies stacked vmap --no-auto --no-e2e ${TP_ARGS[@]+"${TP_ARGS[@]}"} --out "$OUT/throughput.json"
 step memory_nu5 240 "$PYTHON" benchmarks/memory.py --device "$DEVICE" ${MEM_ARGS[@]+"${MEM_ARGS[@]}"} --out "$OUT/memory.json"
+# exact and fo: HF on the ReLU CNN in float32 is outside 1e-4 by nature (float32 rounding divided by 2δ, see
+# benchmarks/README.md); tests/test_cuda.py checks HF on the CNN in float64 against the CPU reference.
 step cnn_agreement 180 "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --agreement-only --models cnn \
-  --methods exact fo hf --out "$OUT/cnn_agreement.json"
+  --methods exact fo --out "$OUT/cnn_agreement.json"
 step cuda_tests 400 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs ${TEST_ARGS[@]+"${TEST_ARGS[@]}"}
 
 {

@@ -276,6 +276,7 @@ def test_compare_runs_finds_any_differing_bit():
     assert cr.differences(ref, (3, {"w": p["w"].astype(np.float64)}, t))        # dtype counts
     assert cr.differences(ref, (3, p, {"train/meta_loss": np.array([1.0, 0.0])})) == ["train/meta_loss"]
     assert cr.differences(ref, (2, p, t)) == ["final round 3 vs 2"]
+    assert cr.is_timing("compute_time_min") and cr.is_timing("wall_time") and not cr.is_timing("meta_loss")
 
 
 def test_gpu_check_script_parses_and_checks_its_arguments():
