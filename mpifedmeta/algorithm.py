@@ -60,17 +60,17 @@ def local_round(backend, block: AgentBlock, global_params: dict, spec: RoundSpec
     through the backend in chunks of exactly C (the last one padded with dummy agents, dropped),
     so that every call has the same shape whatever the number of ranks.
     """
-    mine = (cohort >= block.lo) & (cohort < block.hi)
+    mine, positions = block.locate(cohort)
     d = sum(p.numel() for p in global_params.values())
     dev = block.device
     if not mine.any():
         return (torch.zeros(2, d + 1, dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev))
     B = int(mine.sum())
-    # ids and weights (float64 bits as int64) go to the device in one copy
-    packed = torch.from_numpy(np.concatenate([cohort[mine].astype(np.int64),
+    # ids, positions in the block and weights (float64 bits as int64) go to the device in one copy
+    packed = torch.from_numpy(np.concatenate([cohort[mine].astype(np.int64), positions.astype(np.int64),
                                               weights[mine].astype(np.float64).view(np.int64)])).to(dev)
-    ids, p = packed[:B], packed[B:].view(torch.float64)
-    idx, mask = round_batches(block, spec, round_, ids, ids - block.lo)
+    ids, positions, p = packed[:B], packed[B:2 * B], packed[2 * B:].view(torch.float64)
+    idx, mask = round_batches(block, spec, round_, ids, positions)
     C = spec.agent_chunk
     flat, losses = [], []
     for a, b in chunks.spans(B, C):
@@ -119,10 +119,11 @@ def evaluate_block(backend, block: AgentBlock, global_params: dict, agent_ids: n
     this block owns, fine-tuned with k full-batch steps of size α on their own training split.
     Batched ``chunk`` agents per call, or exactly ``agent_chunk`` when > 0 (padded, dummies dropped).
     """
-    mine = agent_ids[(agent_ids >= block.lo) & (agent_ids < block.hi)]
+    held, pos = block.locate(agent_ids)
+    mine = agent_ids[held]
     if len(mine) == 0:
         return np.zeros((0, 1 + 2 * len(ks)))
-    pos = torch.as_tensor(mine - block.lo, device=block.device)
+    pos = torch.as_tensor(pos, device=block.device)
     tr_idx, tr_mask = padded_rows(block.train_offset, block.train_count, pos, block.train_width)
     te_idx, te_mask = padded_rows(block.test_offset, block.test_count, pos, block.test_width)
     if agent_chunk:
@@ -146,12 +147,12 @@ def stationarity_block(backend, block: AgentBlock, global_params: dict, num_trai
     Batched ``chunk`` agents per call, or exactly ``agent_chunk`` when > 0 (padded, dummies dropped)."""
     d = sum(p.numel() for p in global_params.values())
     total = torch.zeros(2, d + 1, dtype=torch.int64, device=block.device)
-    lo, hi = block.lo, min(block.hi, num_train)
+    training = np.flatnonzero(block.global_ids() < num_train)
     step = agent_chunk or chunk
-    for start in range(lo, hi, step):
-        ids = torch.arange(start, min(start + step, hi), device=block.device)
-        n = len(ids)
-        idx, mask = padded_rows(block.train_offset, block.train_count, ids - block.lo, block.train_width)
+    for start in range(0, len(training), step):
+        positions = torch.as_tensor(training[start:start + step], device=block.device)
+        n = len(positions)
+        idx, mask = padded_rows(block.train_offset, block.train_count, positions, block.train_width)
         if agent_chunk:
             idx, mask = chunks.pad(idx, agent_chunk), chunks.pad(mask, agent_chunk, 0)
         B = idx.shape[0]

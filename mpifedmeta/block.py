@@ -1,5 +1,7 @@
-"""A rank's block of agents: the contiguous ids [lo, hi) and only their samples, on the rank's device.
+"""A block of agents and only their samples, on the rank's device.
 
+A rank's block is either the contiguous ids [lo, hi) it owns (stored partitions) or, for generated
+populations, any sorted set of agent ids (``agent_ids``) built for one round or one evaluation chunk.
 Agent state is arrays indexed by local agent position (no per-agent Python objects): a block's
 training samples are one tensor, agent a's rows are ``offset[a] : offset[a] + count[a]``.
 """
@@ -24,8 +26,24 @@ class AgentBlock:
     Y_test: torch.Tensor
     test_offset: torch.Tensor
     test_count: torch.Tensor
-    train_width: int             # the largest training split of ANY agent (all ranks agree on it)
+    train_width: int             # padding width: the same on every rank (see padded_rows)
     test_width: int
+    agent_ids: np.ndarray | None = None   # sorted global ids of the positions; None = lo..hi-1
+
+    def global_ids(self) -> np.ndarray:
+        """The block's global agent ids, by position."""
+        return np.arange(self.lo, self.hi, dtype=np.int64) if self.agent_ids is None else self.agent_ids
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which of ``ids`` the block holds (bool mask) and their positions in the block (int64)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.agent_ids is None:
+            mine = (ids >= self.lo) & (ids < self.hi)
+            return mine, ids[mine] - self.lo
+        pos = np.searchsorted(self.agent_ids, ids)
+        mine = pos < len(self.agent_ids)
+        mine[mine] = self.agent_ids[pos[mine]] == ids[mine]
+        return mine, pos[mine].astype(np.int64)
 
     @property
     def num_agents(self) -> int:
@@ -56,6 +74,24 @@ def build_block(x: np.ndarray, y: np.ndarray, partition, lo: int, hi: int, devic
                       put(x[tr_idx], dtype), put(y[tr_idx], torch.int64), put(tr_off), put(tr_cnt),
                       put(x[te_idx], dtype), put(y[te_idx], torch.int64), put(te_off), put(te_cnt),
                       int(np.diff(partition.train_ptr).max()), int(np.diff(partition.test_ptr).max()))
+
+
+def assemble(agent_ids: np.ndarray, x_train: np.ndarray, y_train: np.ndarray, train_count: np.ndarray,
+             x_test: np.ndarray, y_test: np.ndarray, test_count: np.ndarray, train_width: int, test_width: int,
+             device: torch.device, dtype: torch.dtype) -> AgentBlock:
+    """A block of the sorted ``agent_ids`` from their concatenated samples (each agent's rows contiguous)."""
+    def put(a, dt=None):
+        return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dt)
+
+    def offsets(c):
+        return np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) if len(c) else np.zeros(0, np.int64)
+
+    agent_ids = np.asarray(agent_ids, dtype=np.int64)
+    return AgentBlock(0, len(agent_ids),
+                      put(x_train, dtype), put(y_train, torch.int64), put(offsets(train_count)),
+                      put(np.asarray(train_count, np.int64)),
+                      put(x_test, dtype), put(y_test, torch.int64), put(offsets(test_count)),
+                      put(np.asarray(test_count, np.int64)), int(train_width), int(test_width), agent_ids)
 
 
 def padded_rows(offset: torch.Tensor, count: torch.Tensor, positions: torch.Tensor,

@@ -88,17 +88,14 @@ def round_needs(cfg: Config, ranks: int, num_params: int, sample_numel: int, sam
     return needs
 
 
-def check_run(cfg: Config, ranks: int, dataset, num_params: int, itemsize: int, device: torch.device,
-              ranks_on_node: int = 1) -> None:
+def check_run(cfg: Config, ranks: int, input_shape: tuple, num_params: int, itemsize: int, device: torch.device,
+              ranks_on_node: int = 1, samples: int = 0) -> None:
     """ConfigError (one line naming a key) when a lower bound of the memory a rank needs exceeds what it has."""
-    sample_numel = int(math.prod(dataset.x.shape[1:]))
-    if dataset.num_classes > len(dataset):
-        raise ConfigError(f"data.path = {cfg.data.path!r}: the labels declare {dataset.num_classes} classes (largest label "
-                          f"{dataset.num_classes - 1}) for {len(dataset)} samples; labels must be 0..C-1")
+    sample_numel = int(math.prod(input_shape))
     avail = available_bytes(device, ranks_on_node)
     if avail is None:
         return
-    for need, keys, what in round_needs(cfg, ranks, num_params, sample_numel, len(dataset), itemsize):
+    for need, keys, what in round_needs(cfg, ranks, num_params, sample_numel, samples, itemsize):
         if need > avail:
             key = _blame(cfg, keys)
             sec, k = key.split(".")

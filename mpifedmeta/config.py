@@ -18,6 +18,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+MAX_AGENTS = 2**31 - 1          # agent ids are hashed as 32-bit counters (rng.py)
+MAX_EVALUATED = 100_000         # generated populations: agents evaluated per evaluation, at most
 CAPTURES = ("off", "compile", "cudagraphs")   # train.compile as a string (booleans: off / compile)
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -43,11 +45,14 @@ class Registered:
     ``import mpifedmeta.config`` stays free of torch.
     """
 
-    def __init__(self, module: str, registry: str, extra: tuple[str, ...] = ()):
-        self.module, self.registry, self.extra = module, registry, extra
+    def __init__(self, module: str, registry: str, extra: tuple[str, ...] = (),
+                 also: tuple[tuple[str, str], ...] = ()):
+        self.module, self.registry, self.extra, self.also = module, registry, extra, also
 
     def names(self) -> tuple[str, ...]:
-        return self.extra + tuple(getattr(importlib.import_module(self.module, __package__), self.registry))
+        sources = ((self.module, self.registry),) + self.also     # also: more (module, registry) pairs
+        return self.extra + tuple(name for module, registry in sources
+                                  for name in getattr(importlib.import_module(module, __package__), registry))
 
     def __call__(self, value) -> str | None:
         names = self.names()
@@ -107,14 +112,21 @@ _RUN_ONLY = {"resumable": True, "experiment": False}
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "dataset": Key("digits", (str,), Registered(".data", "LOADERS"), "{choices}"),
+        "dataset": Key("digits", (str,), Registered(".data", "LOADERS", also=((".population", "GENERATED"),)),
+                       "{choices} (synthetic: FedProx Synthetic(alpha, beta), generated per agent)"),
         "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
         "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
         "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
-        "partition": Key("shards", (str,), Registered(".data", "SCHEMES"), "{choices}"),
+        "partition": Key("shards", (str,), Registered(".data", "SCHEMES", also=((".population", "VIRTUAL"),)),
+                         "{choices} (virtual-*: agents drawn on demand, may share samples; not used by synthetic)"),
         "classes_per_agent": Key(2, (int,), _positive, "classes per agent for shards"),
         "dirichlet_alpha": Key(0.5, (float, int), _positive, "concentration of the Dirichlet label skew"),
-        "test_fraction": Key(0.2, (float,), _fraction, "share of each agent's samples held out for evaluation"),
+        "test_fraction": Key(0.2, (float,), _fraction, "share of each agent's samples held out for evaluation (synthetic: always 10%)"),
+        "samples_per_agent": Key(50, (int,), _positive, "virtual partitions: samples each agent draws from the dataset (train + test)"),
+        "synthetic_alpha": Key(1.0, (float, int), _non_negative, "synthetic: alpha, spread of the agents' model means u_k ~ N(0, alpha^2)"),
+        "synthetic_beta": Key(1.0, (float, int), _non_negative, "synthetic: beta, spread of the agents' feature means B_k ~ N(0, beta^2)"),
+        "synthetic_iid": Key(False, (bool,), None, "synthetic: the iid variant (one shared W, b; v_k = B_k)"),
+        "synthetic_max_samples": Key(1000, (int,), _positive, "synthetic: cap on an agent's samples min(int(lognormal(4, 2)) + 50, cap)"),
     },
     "model": {
         "name": Key("mlp", (str,), Registered(".models", "MODELS"), "{choices}"),
@@ -147,6 +159,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),
         "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
         "agents": Key("all", (int, str), _agents, 'training agents evaluated: "all" or a fixed random subset of this size'),
+        "holdout_agents": Key("all", (int, str), _agents, 'holdout agents evaluated: "all" or a fixed random subset of this size'),
         "chunk": Key(256, (int,), _positive, "agents per batched evaluation call", **_RUN_ONLY),
         "stationarity": Key(False, (bool,), None, "also compute F(w) and ||grad F(w)||^2 on full local data, exact meta-gradient (costly)"),
     },
@@ -250,6 +263,17 @@ def validate(raw: dict) -> Config:
         raise ConfigError(f"data.path = {d['path']!r}: not a regular file")
     if d["dataset"] == "fashion-mnist" and d["path"] and not os.path.isdir(d["path"]):
         raise ConfigError(f"data.path = {d['path']!r}: directory not found")
+    population = importlib.import_module(".population", __package__)
+    generated = d["dataset"] in population.GENERATED or d["partition"] in population.VIRTUAL
+    if d["num_agents"] > MAX_AGENTS:
+        raise ConfigError(f"data.num_agents = {d['num_agents']} exceeds {MAX_AGENTS} (agent ids are 32-bit counters)")
+    if d["dataset"] == "synthetic":
+        if d["synthetic_max_samples"] < 2:
+            raise ConfigError(f"data.synthetic_max_samples = {d['synthetic_max_samples']}: an agent needs >= 2 samples (1 train, 1 test)")
+        if out["model"]["name"] == "cnn":
+            raise ConfigError("model.name = 'cnn' needs images; data.dataset = 'synthetic' has 60 features (use linear or mlp)")
+    elif d["partition"] in population.VIRTUAL and d["samples_per_agent"] < 2:
+        raise ConfigError(f"data.samples_per_agent = {d['samples_per_agent']}: a virtual agent needs >= 2 samples (1 train, 1 test)")
     if d["num_agents"] == 0 and d["partition"] != "natural":
         raise ConfigError("data.num_agents = 0 (from the file) is only valid with data.partition = 'natural'")
     if d["num_agents"] and d["holdout_agents"] >= d["num_agents"]:
@@ -257,6 +281,12 @@ def validate(raw: dict) -> Config:
     if d["num_agents"] and t["agents_per_round"] > d["num_agents"] - d["holdout_agents"]:
         raise ConfigError(f"train.agents_per_round = {t['agents_per_round']} exceeds the "
                           f"{d['num_agents'] - d['holdout_agents']} training agents (data.num_agents - data.holdout_agents)")
+    if generated:
+        e = out["eval"]
+        for key, n in (("agents", d["num_agents"] - d["holdout_agents"]), ("holdout_agents", d["holdout_agents"])):
+            if e[key] == "all" and n > MAX_EVALUATED:
+                raise ConfigError(f"eval.{key} = 'all' would evaluate {n} generated agents at every evaluation "
+                                  f"(more than {MAX_EVALUATED}); set eval.{key} to a sample size, e.g. 1000")
     if t["metagrad"] == "hf" and t["dtype"] == "float32" and t["hf_delta"] < 1e-5:
         raise ConfigError(f"train.hf_delta = {t['hf_delta']} is below float32 resolution for finite differences; use >= 1e-5 or train.dtype = 'float64'")
     if t["allow_tf32"] and t["metagrad"] == "hf" and t["dtype"] == "float32":

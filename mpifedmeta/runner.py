@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import (__version__, algorithm, backends, budget, capture, devices, dist, exactsum, io, lock, metagrad, rng,
-               signals)
-from .block import build_block
+from . import (__version__, algorithm, backends, budget, capture, devices, dist, exactsum, io, lock, metagrad,
+               population, rng, signals)
 from .config import Config, ConfigError, from_json, keys_where
 from .console import Progress, final_table, say
-from .data import DataError, load_dataset, make_partition
+from .data import DataError
 from .models import build_model, param_dict
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED, EXIT_DISK_FULL = 0, 1, 2, 3, 4, 5
@@ -94,8 +93,8 @@ class Setup:
     world: dist.World
     device: torch.device
     dtype: torch.dtype
-    partition: object
-    block: object
+    partition: object            # the stored partition (None for generated populations)
+    block: object                # this rank's resident block (None for generated populations)
     model: torch.nn.Module
     loss: object
     logits: object
@@ -108,6 +107,8 @@ class Setup:
     strategy: str = ""
     stage: dist.HostStage = None     # the reused host buffer of the Allreduces
     device_map: list = None          # every rank's (host, device) record
+    population: object = None
+    eval_widths: tuple = (1, 1)  # generated populations: padding widths of the evaluated agents
 
 
 def setup(cfg: Config, world: dist.World) -> Setup:
@@ -115,32 +116,30 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     def build():
         device = dist.choose_device(world, cfg.train.device, cfg.train.threads, cfg.train.allow_tf32)
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-        ds = load_dataset(cfg.data.dataset, cfg.data.path, cfg.train.dtype)
+        pop = population.make_population(cfg.data, cfg.train.seed, cfg.train.dtype)
+        N = pop.num_agents
         with torch.device("meta"):       # shapes only: an absurd size is refused before it is allocated
-            shapes = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden)
-        budget.check_run(cfg, world.size, ds, sum(p.numel() for p in shapes.parameters()),
+            shapes = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden)
+        budget.check_run(cfg, world.size, pop.input_shape, sum(p.numel() for p in shapes.parameters()),
                          torch.finfo(dtype).bits // 8, device, world.local_size)
-        part = make_partition(ds, cfg.data.partition, cfg.data.num_agents,
-                              classes_per_agent=cfg.data.classes_per_agent,
-                              dirichlet_alpha=cfg.data.dirichlet_alpha,
-                              test_fraction=cfg.data.test_fraction, seed=cfg.train.seed)
-        N = part.num_agents
         H = cfg.data.holdout_agents
         if H >= N:
             raise ConfigError(f"data.holdout_agents = {H} must be < the {N} agents of the partition")
         if cfg.train.agents_per_round > N - H:
             raise ConfigError(f"train.agents_per_round = {cfg.train.agents_per_round} exceeds the {N - H} training agents")
-        lo, hi = dist.block_range(N, world.size, world.rank)
-        block = build_block(ds.x, ds.y, part, lo, hi, device, dtype)
+        block = None
+        if pop.resident:
+            lo, hi = dist.block_range(N, world.size, world.rank)
+            block = pop.resident_block(lo, hi, device, dtype)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model.name, tuple(ds.x.shape[1:]), ds.num_classes, cfg.model.hidden).to(dtype)
+        model = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden).to(dtype)
         strategy = cfg.train.strategy
         if strategy == "auto" or (strategy == "stacked" and not backends.has_stacked_form(model)):
             strategy = backends.default_strategy(model)   # "stacked" means vmap for a model without a stacked form
         backend = backends.make(model, strategy, cfg.train.chunk)   # "auto" is resolved by choose_strategy
-        return device, dtype, part, N, H, block, model, backend, strategy
+        return device, dtype, pop, N, H, block, model, backend, strategy
 
-    device, dtype, part, N, H, block, model, backend, strategy = agreed(world, build)
+    device, dtype, pop, N, H, block, model, backend, strategy = agreed(world, build)
     records, err, warnings = dist.device_map(world, device)
     if err:
         raise BadInput(err)
@@ -152,13 +151,19 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     else:
         eval_ids = np.sort(np.random.default_rng([rng.EVAL_AGENTS, cfg.train.seed]).choice(
             num_train, cfg.eval.agents, replace=False)).astype(np.int64)
+    holdout_ids = np.arange(num_train, N, dtype=np.int64)
+    if cfg.eval.holdout_agents != "all" and cfg.eval.holdout_agents < H:
+        holdout_ids = num_train + np.sort(np.random.default_rng([rng.EVAL_HOLDOUT, cfg.train.seed]).choice(
+            H, cfg.eval.holdout_agents, replace=False)).astype(np.int64)
     t = cfg.train
     spec = algorithm.RoundSpec(t.seed, t.local_steps, t.beta, t.batch_size,
                                metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
                                metagrad.capture_mode(t.compile), devices.resolve_agent_chunk(t.agent_chunk, device.type))
-    setup_ = Setup(cfg, world, device, dtype, part, block, model, metagrad.make_loss(model),
-                   metagrad.make_logits(model), num_train, part.train_counts(), eval_ids,
-                   np.arange(num_train, N, dtype=np.int64), spec, backend, strategy, dist.HostStage(device), records)
+    setup_ = Setup(cfg, world, device, dtype, getattr(pop, "partition", None), block, model, metagrad.make_loss(model),
+                   metagrad.make_logits(model), num_train, pop.train_counts, eval_ids, holdout_ids, spec, backend,
+                   strategy, dist.HostStage(device), records, pop)
+    if not pop.resident:
+        setup_.eval_widths = population.widths(pop, np.concatenate([eval_ids, holdout_ids]))
     model.requires_grad_(False)
     capture.ANNOUNCE = world.is_root          # train.compile's fallback notice: one line, rank 0
     return setup_
@@ -171,8 +176,12 @@ def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
 
     t = s.cfg.train
     per_rank = s.spec.agent_chunk or -(-t.agents_per_round // s.world.size)   # the block size the calls will see
+    blk = s.block
+    if blk is None and t.strategy == "auto" and not recorded:   # generated: time on a share-sized block
+        first = np.arange(min(per_rank, s.num_train), dtype=np.int64)
+        blk = s.population.build(first, s.device, s.dtype, population.widths(s.population, first))
     try:
-        name, desc = strat.choose(t.strategy, s.model, s.block, params, s.spec, per_rank, t.chunk,
+        name, desc = strat.choose(t.strategy, s.model, blk, params, s.spec, per_rank, t.chunk,
                                   t.memory_budget, recorded, lambda mine: dist.allgather(s.world, mine))
         s.backend, s.strategy = backends.make(s.model, name, t.chunk), name
     except (strat.NoStrategyFits, ValueError) as e:
@@ -184,17 +193,52 @@ def initial_params(s: Setup) -> dict[str, torch.Tensor]:
     return {k: v.to(s.device) for k, v in param_dict(s.model).items()}
 
 
+def cohort_block(s: Setup, cohort: np.ndarray):
+    """The block a round runs on: the rank's resident block, or (generated populations) its even share
+    of the cohort built now, padded to the widths of the whole cohort (the same on every rank)."""
+    if s.block is not None:
+        return s.block
+    mine = population.share(cohort, s.world.rank, s.world.size)
+    return s.population.build(mine, s.device, s.dtype, population.widths(s.population, cohort))
+
+
+def _eval_blocks(s: Setup, ids: np.ndarray):
+    """Blocks holding this rank's evaluated agents: the resident block, or built chunks of its share."""
+    if s.block is not None:
+        yield s.block
+        return
+    mine = population.share(ids, s.world.rank, s.world.size)
+    for start in range(0, len(mine), s.cfg.eval.chunk):
+        yield s.population.build(mine[start:start + s.cfg.eval.chunk], s.device, s.dtype, s.eval_widths)
+
+
+def _stationarity_blocks(s: Setup):
+    """Blocks covering all training agents once over the ranks (generated: chunk c on rank c mod P; O(N))."""
+    if s.block is not None:
+        yield s.block
+        return
+    chunk = s.cfg.eval.chunk
+    for c in range(s.world.rank, -(-s.num_train // chunk), s.world.size):
+        ids = np.arange(c * chunk, min((c + 1) * chunk, s.num_train), dtype=np.int64)
+        yield s.population.build(ids, s.device, s.dtype, population.widths(s.population, ids))
+
+
 def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     """Personalized metrics of all evaluated agents; the row (on rank 0) for metrics.h5."""
     ks = list(s.cfg.eval.finetune_steps)
     ids = np.concatenate([s.eval_train_ids, s.holdout_ids])
-    rows = algorithm.evaluate_block(s.backend, s.block, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk,
-                                    s.spec.agent_chunk)
+    rows = np.concatenate([np.zeros((0, 1 + 2 * len(ks)))] + [
+        algorithm.evaluate_block(s.backend, blk, params, ids, ks, s.cfg.train.alpha, s.cfg.eval.chunk,
+                                 s.spec.agent_chunk)
+        for blk in _eval_blocks(s, ids)])
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
-        limbs = algorithm.stationarity_block(s.backend, s.block, params, s.num_train, s.cfg.train.nu,
-                                             s.cfg.train.alpha, s.cfg.eval.chunk, s.spec.agent_chunk)
+        d = sum(v.numel() for v in params.values())
+        limbs = torch.zeros(2, d + 1, dtype=torch.int64, device=s.device)
+        for blk in _stationarity_blocks(s):
+            limbs += algorithm.stationarity_block(s.backend, blk, params, s.num_train, s.cfg.train.nu,
+                                                  s.cfg.train.alpha, s.cfg.eval.chunk, s.spec.agent_chunk)
         total = exactsum.decode(s.stage.allreduce(s.world, limbs).reshape(2, -1))
         grad_norm_sq, meta_loss_full = float(np.dot(total[:-1], total[:-1])), float(total[-1])
     if not s.world.is_root:
@@ -279,7 +323,7 @@ def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int,
     cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, s.cfg.train.agents_per_round)
     weights = algorithm.aggregation_weights(cohort, s.train_counts, s.cfg.train.weighting)
     tc = time.perf_counter()
-    limbs, bad = algorithm.local_round(s.backend, s.block, params, s.spec, r, cohort, weights)
+    limbs, bad = algorithm.local_round(s.backend, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
     if limbs.is_cuda:
         torch.cuda.synchronize(limbs.device)
     t_compute = time.perf_counter() - tc
@@ -401,17 +445,11 @@ def _start_new(cfg: Config, world: dist.World) -> int:
     s = setup(cfg, world)
     params = initial_params(s)
     chosen = choose_strategy(s, params)
-    row = None
 
     def create():
         io.clean_stale_temps(out_dir)
-        p = s.partition
-        io.create_metrics(out_dir, cfg.to_json(), _file_attrs(s, params),
-                          {"train_ptr": p.train_ptr, "train_idx": p.train_idx, "test_ptr": p.test_ptr,
-                           "test_idx": p.test_idx,
-                           "holdout": np.arange(p.num_agents) >= s.num_train},
-                          {"dataset": cfg.data.dataset, "scheme": cfg.data.partition,
-                           "num_agents": p.num_agents},
+        arrays, attrs = s.population.metadata(s.num_train)
+        io.create_metrics(out_dir, cfg.to_json(), _file_attrs(s, params), arrays, {**attrs, "dataset": cfg.data.dataset},
                           list(cfg.eval.finetune_steps), s.eval_train_ids, s.holdout_ids)
     agreed(world, create, root_only=True, errors=())
     row = evaluate(s, params, 0)
@@ -420,7 +458,7 @@ def _start_new(cfg: Config, world: dist.World) -> int:
         io.append_metrics(out_dir, [], [row])
         io.write_checkpoint(out_dir, 0, _params_numpy(params), cfg.to_json(), _ckpt_attrs(s, 0.0), cfg.output.keep)
     agreed(world, first_checkpoint, root_only=True, errors=())
-    say(world, f"mpifedmeta {__version__}: {s.partition.num_agents} agents ({len(s.holdout_ids)} holdout) on "
+    say(world, f"mpifedmeta {__version__}: {s.population.num_agents} agents ({s.population.num_agents - s.num_train} holdout) on "
                f"{world.size} rank(s), {cfg.model.name} with {sum(v.numel() for v in params.values())} parameters, "
                f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, strategy {chosen}")
     return train(s, out_dir, params, 0, 0.0)

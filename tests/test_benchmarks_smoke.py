@@ -84,3 +84,12 @@ def test_peers_quick(tmp_path):
         assert "pfl" in d["notes"]["pfl-2x1"]
     assert len(d["machine"]["loadavg_start"]) == 3
     assert d["startup"]["to_round1_start_s"] > 0
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "mpiexec")),
+                    reason="no mpiexec")
+def test_population_quick(tmp_path):
+    d = _run("population", tmp_path, timeout=300)
+    assert all(r["ok"] for r in d["rows"]) and {r["N"] for r in d["rows"]} == {1000, 100000}
+    assert all(r["round_median_s"] > 0 and r["peak_rss_mb"] > 0 and r["startup_s"] >= 0 for r in d["rows"])
+    assert os.path.exists(tmp_path / "population.png")

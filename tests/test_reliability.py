@@ -276,14 +276,14 @@ def test_npz_header_declaring_a_huge_shape_is_refused_before_loading(tmp_path):
         load_dataset("npz", path)
 
 
-def test_npz_labels_of_a_billion_are_refused_naming_data_path(tmp_path):
+def test_npz_labels_of_a_billion_are_refused_naming_the_key(tmp_path):
     path = str(tmp_path / "labels.npz")
     rng = np.random.default_rng(0)
     np.savez(path, x=rng.normal(size=(40, 4)).astype(np.float32), y=np.array([0, 1] * 19 + [2, 10 ** 9]))
     proc = run_limited(["run", write_tiny_config(tmp_path)] + sets(
         data__dataset="npz", data__path=path, data__num_agents=4, data__holdout_agents=0,
         data__partition="iid", train__agents_per_round=2, output__dir=str(tmp_path / "o")))
-    assert_one_error_line(proc, 2, "data.path", "1000000001 classes")
+    assert_one_error_line(proc, 2, "key 'y'", "1000000001 classes")
 
 
 def test_non_zip_npz_is_named_as_such_not_as_pickled_data(tmp_path):

@@ -280,6 +280,9 @@ def _npz_labels(path: str, y: np.ndarray, n: int) -> np.ndarray:
         raise DataError(f"npz: {path} key 'y' must have an integer dtype, got {y.dtype}")
     if y.min() < 0:
         raise DataError(f"npz: {path} key 'y' contains negative label {int(y.min())}")
+    if int(y.max()) >= n:     # classes = largest label + 1; more classes than samples is an error, not a model to build
+        raise DataError(f"npz: {path} key 'y' has label {int(y.max())}: {int(y.max()) + 1} classes for {n} samples "
+                        "(labels must be 0..C-1)")
     return y.astype(np.int64)
 
 
