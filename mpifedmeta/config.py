@@ -231,27 +231,37 @@ def validate(raw: dict) -> Config:
     for sec in raw:
         if sec not in SCHEMA:
             raise ConfigError(f"unknown section [{sec}] (valid: {', '.join(SCHEMA)})")
-    out: dict = {}
-    for sec, keys in SCHEMA.items():
-        given = raw.get(sec, {})
-        if not isinstance(given, dict):
-            raise ConfigError(f"[{sec}] must be a table")
-        for k in given:
-            if k not in keys:
-                raise ConfigError(f"unknown key {sec}.{k} (valid: {', '.join(keys)})")
-        out[sec] = {}
-        for k, key in keys.items():
-            v = given.get(k, copy.deepcopy(key.default))
-            if not _type_ok(v, key):
-                names = " or ".join(t.__name__ for t in key.types)
-                raise ConfigError(f"{sec}.{k} = {v!r}: must be of type {names}")
-            if (msg := _size_problem(v)):
-                raise ConfigError(f"{sec}.{k} = {_short(v)}: {msg}")
-            if isinstance(v, int) and not isinstance(v, bool) and float in key.types:
-                v = float(v)
-            if key.check is not None and (msg := key.check(v)):
-                raise ConfigError(f"{sec}.{k} = {v!r}: {msg}")
-            out[sec][k] = v
+    out = {sec: _section(sec, keys, raw.get(sec, {})) for sec, keys in SCHEMA.items()}
+    _check_data(out)
+    _check_train(out["train"])
+    return Config(out)
+
+
+def _section(sec: str, keys: dict[str, Key], given) -> dict:
+    """One section's values: defaults filled, each key's type, size and range checked."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"[{sec}] must be a table")
+    for k in given:
+        if k not in keys:
+            raise ConfigError(f"unknown key {sec}.{k} (valid: {', '.join(keys)})")
+    values = {}
+    for k, key in keys.items():
+        v = given.get(k, copy.deepcopy(key.default))
+        if not _type_ok(v, key):
+            names = " or ".join(t.__name__ for t in key.types)
+            raise ConfigError(f"{sec}.{k} = {v!r}: must be of type {names}")
+        if (msg := _size_problem(v)):
+            raise ConfigError(f"{sec}.{k} = {_short(v)}: {msg}")
+        if isinstance(v, int) and not isinstance(v, bool) and float in key.types:
+            v = float(v)
+        if key.check is not None and (msg := key.check(v)):
+            raise ConfigError(f"{sec}.{k} = {v!r}: {msg}")
+        values[k] = v
+    return values
+
+
+def _check_data(out: dict) -> None:
+    """Cross-key rules of the data (files, agent counts, generated populations)."""
     d, t = out["data"], out["train"]
     if d["partition"] == "natural" and d["dataset"] != "npz":
         raise ConfigError("data.partition = 'natural' needs data.dataset = 'npz' with an 'agent' array")
@@ -287,12 +297,15 @@ def validate(raw: dict) -> Config:
             if e[key] == "all" and n > MAX_EVALUATED:
                 raise ConfigError(f"eval.{key} = 'all' would evaluate {n} generated agents at every evaluation "
                                   f"(more than {MAX_EVALUATED}); set eval.{key} to a sample size, e.g. 1000")
+
+
+def _check_train(t: dict) -> None:
+    """Cross-key rules of the numerics."""
     if t["metagrad"] == "hf" and t["dtype"] == "float32" and t["hf_delta"] < 1e-5:
         raise ConfigError(f"train.hf_delta = {t['hf_delta']} is below float32 resolution for finite differences; use >= 1e-5 or train.dtype = 'float64'")
     if t["allow_tf32"] and t["metagrad"] == "hf" and t["dtype"] == "float32":
         raise ConfigError("train.allow_tf32 = true with train.metagrad = 'hf' in float32: TF32 rounding (~1e-3 relative) "
                           "divided by 2*hf_delta swamps the Hessian-free HVP; use exact, fo or train.dtype = 'float64'")
-    return Config(out)
 
 
 def _short(v) -> str:
