@@ -575,7 +575,9 @@ def auto_resume_or_start(cfg: Config, world: dist.World) -> int:
         def holds_run():
             if not os.path.lexists(io.metrics_path(out_dir)):
                 return False
-            diffs = io.config_json_equal(io.read_metrics_config(out_dir), cfg.to_json(), RESUMABLE_KEYS)
+            # both through validation, so that keys added since the run was made compare at their defaults
+            stored = from_json(io.read_metrics_config(out_dir)).to_json()
+            diffs = io.config_json_equal(stored, cfg.to_json(), RESUMABLE_KEYS)
             if diffs:
                 raise ConfigError(f"output.dir = {out_dir!r} holds a run with a different config "
                                   f"({', '.join(diffs[:5])}); choose another output.dir")

@@ -149,6 +149,27 @@ def test_auto_resume_with_a_different_config_exits_2(partial, cfg_path, tmp_path
     assert file_hashes(out) == before
 
 
+def _drop_config_keys(path, keys):
+    with h5py.File(path, "r+") as f:
+        cfg = json.loads(f.attrs["config"])
+        for section, key in keys:
+            cfg[section].pop(key, None)
+        f.attrs["config"] = json.dumps(cfg, sort_keys=True)
+
+
+def test_auto_resume_accepts_a_run_made_before_keys_were_added(straight, cfg_path, tmp_path):
+    """A run written by an older version lacks keys added since; they compare at their defaults."""
+    out = copy_run(straight, str(tmp_path / "old"))
+    newer = [("train", "agent_chunk"), ("train", "allow_tf32"), ("eval", "holdout_agents")]
+    for path in [os.path.join(out, "metrics.h5")] + [checkpoint_path(out, r) for r in checkpoint_rounds(out)]:
+        _drop_config_keys(path, newer)
+    before = file_hashes(out)
+    proc = run_cli(["run", cfg_path, "--auto-resume"] + BASE + sets(train__rounds=R, output__dir=out))
+    assert_ok(proc)
+    assert "already complete" in proc.stdout
+    assert file_hashes(out) == before
+
+
 # --------------------------------------------------------------------------- stop by signal, then resume
 
 def test_sigterm_stops_with_exit_3_and_resume_completes(cfg_path, tmp_path):
