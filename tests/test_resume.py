@@ -172,21 +172,27 @@ def test_auto_resume_accepts_a_run_made_before_keys_were_added(straight, cfg_pat
 
 # --------------------------------------------------------------------------- stop by signal, then resume
 
+ROUNDS_TO_SIGNAL = 20000
+
 def test_sigterm_stops_with_exit_3_and_resume_completes(cfg_path, tmp_path):
     killed = str(tmp_path / "killed")
-    # cheap rounds so that 200 of them cannot finish before the signal; eval every 4
+    # cheap rounds, but so many that they cannot all finish before the signal; eval every 4. keep=2
+    # prunes old checkpoints, so wait for any checkpoint after round 0, not for round 2's file.
     cheap = sets(train__local_steps=1, train__agents_per_round=2, eval__every=4, output__checkpoint_every=2,
                  output__keep=2)
-    cmd = mpifedmeta_cmd(["run", cfg_path] + cheap + sets(train__rounds=200, output__dir=killed), 2)
+    cmd = mpifedmeta_cmd(["run", cfg_path] + cheap + sets(train__rounds=ROUNDS_TO_SIGNAL, output__dir=killed), 2)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+
+    def past_round_0() -> bool:
+        return os.path.isdir(os.path.join(killed, "checkpoints")) and any(r >= 2 for r in checkpoint_rounds(killed))
+
     try:
-        first = checkpoint_path(killed, 2)
         deadline = time.perf_counter() + 90
-        while not os.path.exists(first) and proc.poll() is None and time.perf_counter() < deadline:
+        while not past_round_0() and proc.poll() is None and time.perf_counter() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be signalled"
-        assert os.path.exists(first), "no checkpoint after round 0 within 90 s"
+        assert past_round_0(), "no checkpoint after round 0 within 90 s"
         t_sig = time.perf_counter()
         proc.send_signal(signal.SIGTERM)                   # to mpiexec; hydra forwards it to the ranks
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
@@ -200,7 +206,7 @@ def test_sigterm_stops_with_exit_3_and_resume_completes(cfg_path, tmp_path):
     assert "stop requested (SIGTERM)" in stderr
     assert stderr.count("stop requested") == 1                 # rank 0 only
     k = checkpoint_rounds(killed)[-1]
-    assert 2 <= k < 200
+    assert 2 <= k < ROUNDS_TO_SIGNAL
     assert f"checkpoint of round {k}" in stderr
     m = read_metrics(killed)
     assert m["train/round"].tolist() == list(range(1, k + 1))     # rows up to the stop round, no more
