@@ -481,7 +481,7 @@ def test_newline_in_a_set_value_is_refused_not_dropped(cfg_path, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_second_quick_signal_keeps_exit_3(sig, cfg_path, tmp_path):
     out = str(tmp_path / "twice")
-    cmd = mpifedmeta_cmd(["run", cfg_path] + sets(train__rounds=500, train__local_steps=1, output__dir=out))
+    cmd = mpifedmeta_cmd(["run", cfg_path] + sets(train__rounds=20000, train__local_steps=1, output__dir=out))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
         deadline = time.time() + 90
