@@ -153,7 +153,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU", **_RUN_ONLY),
         "agent_chunk": Key("auto", (int, str), _agent_chunk, 'agents per batched call, the last chunk padded with dummy agents, so that kernel shapes do not depend on the number of ranks (0 = off: one call per block; "auto" = 32 on CUDA, 0 on CPU)', **_RUN_ONLY),
         "allow_tf32": Key(False, (bool,), None, "let CUDA float32 matmuls and cuDNN convolutions use TF32 (~1e-3 relative error; not allowed with metagrad = hf in float32)"),
-        "threads": Key(0, (int,), _non_negative, "torch threads per rank on CPU (0 = $OMP_NUM_THREADS if set, else cores / ranks on the node)", **_RUN_ONLY),
+        "threads": Key(0, (int,), _non_negative, "torch threads per rank (0 = $OMP_NUM_THREADS if set, else $SLURM_CPUS_PER_TASK if set, else 1: more cores = more ranks)", **_RUN_ONLY),
     },
     "eval": {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),

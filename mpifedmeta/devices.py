@@ -35,6 +35,23 @@ def resolve_agent_chunk(setting, device_type: str) -> int:
     return int(setting)
 
 
+def default_cpu_threads(env) -> tuple[int, str]:
+    """(torch threads, why) of a rank when ``train.threads`` is 0: ``OMP_NUM_THREADS`` if set, else
+    ``SLURM_CPUS_PER_TASK`` if set (the CPUs SLURM gave the task), else ONE.
+
+    One thread per rank, with ranks as the way to use a node's cores, is the HPC convention and the
+    default because OpenMP threads spin-wait for each other: two threads on a 2-core machine beside
+    one other busy process made a run > 5x slower (one descheduled thread stalls every parallel
+    region), while one thread lost nothing there (benchmarks/busy_node.py measures both). At FL sizes
+    the per-agent products are small, so a second thread buys little even on an idle machine.
+    """
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        value = str(env.get(name, "")).strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value), f"${name}"
+    return 1, "one per rank (default; more cores: more ranks, or train.threads)"
+
+
 def set_tf32(allow: bool) -> None:
     """TF32 for float32 matmuls and cuDNN convolutions: off unless ``allow`` (legacy flags only:
     torch refuses to read the TF32 state after a mix of the legacy and the new fp32_precision API)."""

@@ -109,11 +109,11 @@ def choose_device(world: World, preference: str = "auto", threads: int = 0,
     e.g. ``srun --gpus-per-task=1``; ``local_rank % visible`` when every rank sees the node's GPUs,
     e.g. ``mpiexec`` inside an allocation), its context created now (a GPU that cannot be used is
     a LaunchError), TF32 off unless ``allow_tf32``, deterministic kernels. Every rank also sets
-    its torch CPU threads (``threads``, else its share of the node's cores)."""
+    its torch CPU threads (``threads``, else :func:`devices.default_cpu_threads`)."""
     cores = os.cpu_count() or 1
     if threads > cores:       # torch would try to start that many OpenMP threads and crash far from here
         raise LaunchError(f"train.threads = {threads}: more than the {cores} CPU cores of this node")
-    torch.set_num_threads(threads if threads > 0 else cpu_threads_per_rank(world))
+    torch.set_num_threads(threads if threads > 0 else devices.default_cpu_threads(os.environ)[0])
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         devices.set_deterministic_cuda()          # before the context: CUBLAS_WORKSPACE_CONFIG
         devices.set_tf32(allow_tf32)
@@ -132,16 +132,6 @@ def device_map(world: World, device: torch.device) -> tuple[list[dict], str | No
     records = allgather(world, devices.device_record(socket.gethostname(), device))
     error, warnings = devices.mapping_problems(records)
     return records, error, warnings
-
-
-def cpu_threads_per_rank(world: World) -> int:
-    """OMP_NUM_THREADS when the user set it, else the rank's share of the cores it may run on."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    bound = available < (os.cpu_count() or available)   # the launcher pinned this rank to its own cores
-    return max(1, available if bound else available // world.local_size)
 
 
 def allreduce_sum(world: World, buffer: np.ndarray) -> np.ndarray:

@@ -9,16 +9,21 @@ import sys
 
 import torch
 
-from . import __version__, dist, io
+from . import __version__, devices, dist, io
 
 
 def rank_line(world: dist.World, device: torch.device, record: dict) -> str:
     name = record["name"] if device.type == "cuda" else platform.processor() or "cpu"
     gpu = f", {record.get('sms', '?')} SMs, uuid {record['uuid']}" if device.type == "cuda" else ""
     return (f"rank {world.rank:>4}  host {socket.gethostname()}  local rank {world.local_rank}/{world.local_size}  "
-            f"device {device} ({name}{gpu})  torch threads {torch.get_num_threads()}  "
+            f"device {device} ({name}{gpu})  torch threads {torch.get_num_threads()}{_threads_why()}  "
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}  "
             f"SLURM_LOCALID={os.environ.get('SLURM_LOCALID', 'unset')}")
+
+
+def _threads_why() -> str:
+    why = devices.default_cpu_threads(os.environ)
+    return f" ({why[1]})" if why[0] == torch.get_num_threads() else ""
 
 
 def print_info(world: dist.World) -> int:
