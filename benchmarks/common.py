@@ -24,9 +24,11 @@ RESULTS = os.path.join(HERE, "results")
 if REPO not in sys.path:          # run from a checkout without installing the package
     sys.path.insert(0, REPO)
 
-from mpifedmeta import metagrad  # noqa: E402
+from mpifedmeta import devices, metagrad, reference  # noqa: E402
 from mpifedmeta.models import build_model, param_dict  # noqa: E402
 
+# Every script measures under the allocator setting `mpifedmeta run` uses (the baselines in the same process too).
+HOST_ALLOCATOR = devices.tune_host_allocator(os.environ)
 IN_SHAPE = (1, 28, 28)       # MNIST-like images
 NUM_CLASSES = 10
 
@@ -136,6 +138,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        "host_allocator": HOST_ALLOCATOR,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv and sys.argv[0] else "?"] + sys.argv[1:]),
     }
@@ -161,7 +164,7 @@ class Problem:
         torch.manual_seed(seed)
         self.model = build_model(model_name, IN_SHAPE, NUM_CLASSES, hidden).to(dtype)
         self.model.requires_grad_(False)
-        self.loss = metagrad.make_loss(self.model)
+        self.loss = reference.make_loss(self.model)
         S = samples_per_agent
         self.X = torch.rand((B * S,) + IN_SHAPE, generator=g).to(device=device, dtype=dtype)
         self.Y = torch.randint(0, NUM_CLASSES, (B * S,), generator=g).to(device)
@@ -192,21 +195,14 @@ class Unavailable(Exception):
 
 
 def engine_strategies() -> tuple[str, ...]:
-    """The engine's backends by name (``train.strategy`` without ``auto``), as this engine defines them."""
-    names = getattr(metagrad, "STRATEGIES", None)
-    if names is None:                         # older engines listed them in config
-        from mpifedmeta import config
-        names = tuple(s for s in getattr(config, "STRATEGIES", ("vmap", "chunked", "loop")) if s != "auto")
-    return tuple(names)
-
-
-def backend_api() -> bool:
-    """True for the engine whose meta-gradients take a backend object and a MetaSpec."""
-    return hasattr(metagrad, "MetaSpec")
+    """The engine's backends by name (``train.strategy`` without ``auto``)."""
+    return tuple(metagrad.STRATEGIES)
 
 
 def _backend(p: "Problem", strategy: str, chunk: int):
     from mpifedmeta import backends
+    if strategy not in engine_strategies():
+        raise Unavailable(f"this engine has no strategy {strategy!r} (it has {', '.join(engine_strategies())})")
     try:
         return backends.make(p.model, strategy, chunk)
     except ValueError as e:
@@ -216,37 +212,33 @@ def _backend(p: "Problem", strategy: str, chunk: int):
 def engine_block(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3,
                  recompute: bool = False, unrolled: bool = False):
     """A no-argument callable: one ``block_meta_gradients`` call of the engine on ``p`` with backend
-    ``strategy``, whichever engine API this checkout has. Raises Unavailable if it cannot run."""
-    if strategy not in engine_strategies():
-        raise Unavailable(f"this engine has no strategy {strategy!r} (it has {', '.join(engine_strategies())})")
-    if backend_api():
-        if unrolled:
-            return lambda: metagrad.block_meta_gradients_unrolled(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha)
-        be = _backend(p, strategy, chunk)
-        meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta, recompute)
-        return lambda: metagrad.block_meta_gradients(be, p.params, p.X, p.Y, p.idx, p.mask, meta)
-    kw = {}
+    ``strategy``, returning ({name: (B, ...) gradient}, losses). Raises Unavailable if it cannot run."""
     if unrolled:
-        kw["unrolled"] = True
-    if recompute:
-        kw["recompute"] = True
-    return lambda: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha, p.method,
-                                                 delta, strategy, chunk, **kw)
+        return lambda: reference.block_meta_gradients_unrolled(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha)
+    be = _backend(p, strategy, chunk)
+    meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta, recompute)
+    theta = [p.params[n] for n in be.layout.names]
+
+    def call():
+        g, value = metagrad.block_meta_gradients(be, theta, p.X, p.Y, p.idx, p.mask, meta)
+        return dict(zip(be.layout.names, g)), value
+    return call
 
 
 def engine_local_update(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.01, beta: float = 0.001,
                         delta: float = 1e-3, compiled: bool = False):
-    """A no-argument callable: one ``local_update`` (τ chained meta-steps, ``p.idx`` (B, τ, slots, b))."""
-    if strategy not in engine_strategies():
-        raise Unavailable(f"this engine has no strategy {strategy!r}")
-    if backend_api():
-        be = _backend(p, strategy, chunk)
-        meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta)
-        cap = "compile" if compiled else "off"
-        return lambda: metagrad.local_update(be, p.params, p.X, p.Y, p.idx, p.mask, meta, beta, cap)
-    kw = {"compile": True} if compiled else {}
-    return lambda: metagrad.local_update(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha, beta, p.method,
-                                         delta, strategy, chunk, **kw)
+    """A no-argument callable: one ``local_update`` (τ chained meta-steps, ``p.idx`` (B, τ, slots, b))
+    from the block's starting models (copied first, as the engine copies the global model into
+    each chunk), returning ({name: final local models}, losses)."""
+    be = _backend(p, strategy, chunk)
+    meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta)
+    start = be.layout.flatten(p.params, 1)
+    capture = "compile" if compiled else "off"
+
+    def call():
+        theta, losses = metagrad.local_update(be, start.clone(), p.X, p.Y, p.idx, p.mask, meta, beta, capture)
+        return be.layout.split(theta), losses
+    return call
 
 
 def engine_auto(p: "Problem", device, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3) -> dict:
@@ -318,3 +310,15 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 
 def out_path(arg: str | None, name: str) -> str:
     return arg if arg else os.path.join(RESULTS, f"{name}.json")
+
+
+def finish(name: str, out: str | None, info: dict, t_start: float, payload: dict) -> str:
+    """The end of every benchmark: the load average at the end, the JSON (``out`` or
+    results/<name>.json) with the machine description and the wall time, one closing line."""
+    info["loadavg_end"] = os.getloadavg()
+    wall = time.perf_counter() - t_start
+    path = write_json(out_path(out, name), {"benchmark": name, "machine": info, **payload, "wall_s": wall})
+    start = info.get("loadavg_start", (float("nan"),))[0]
+    print(f"load average at start {start:.2f}, at end {info['loadavg_end'][0]:.2f}")
+    print(f"\nwrote {path} ({wall:.0f} s)")
+    return path

@@ -130,19 +130,10 @@ def interleaved(fns: dict, device, repeats: int, budget_s: float) -> dict:
 
 def engine_call(p: common.Problem, strategy: str, chunk: int):
     """One block call of the engine with ``strategy``; raises common.Unavailable if it cannot run.
-    'compiled' = the default backend through torch.compile: the engine's block call with compile=True,
-    or, where capture applies to whole local rounds (train.compile = "compile"), one captured local step."""
+    'compiled' = the default backend with whole-round capture (train.compile = "compile"), one local step."""
     if strategy == "compiled":
-        if common.backend_api():
-            from mpifedmeta import backends
-            be = backends.make(p.model, backends.default_strategy(p.model), chunk)
-            meta = metagrad.MetaSpec(p.nu, ALPHA, p.method, DELTA)
-            idx, mask = p.idx[:, None], p.mask[:, None]
-            return lambda: metagrad.local_update(be, p.params, p.X, p.Y, idx, mask, meta, BETA, capture="compile")
-        if "compile" not in inspect.signature(metagrad.block_meta_gradients).parameters:
-            raise common.Unavailable("this engine's block_meta_gradients has no compile option")
-        return lambda: metagrad.block_meta_gradients(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, ALPHA,
-                                                     p.method, DELTA, "vmap", chunk, compile=True)
+        one = common.Problem(p.model_name, p.B, p.nu, p.method, batch=p.batch, device=p.device, local_steps=1)
+        return common.engine_local_update(one, default_strategy(), chunk, ALPHA, BETA, DELTA, compiled=True)
     return common.engine_block(p, strategy, chunk, ALPHA, DELTA)
 
 
@@ -197,7 +188,7 @@ def measure_e2e(args, device, strategies) -> dict:
         if s == "chunked" and args.chunk >= c["B"]:
             continue
         try:
-            base_s = (default_strategy() if common.backend_api() else "vmap") if s == "compiled" else s
+            base_s = default_strategy() if s == "compiled" else s
             fns[s] = common.engine_local_update(p, base_s, args.chunk, ALPHA, BETA, DELTA, compiled=s == "compiled")
         except common.Unavailable as e:
             notes[s] = str(e)

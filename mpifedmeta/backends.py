@@ -1,47 +1,53 @@
 """How a block's per-agent gradients and Hessian-vector products are computed (``train.strategy``).
 
-Every backend works on stacked parameters (B, ...) and gathered batches x (B, b, ...), y (B, b),
-mask (B, b) and supplies three functions; the ν-step recursion (metagrad.meta_gradients) is
-written once on top of them:
+Every backend works on a block's models as the list θ of its stacked parameters, (B, *shape)
+each in ``named_parameters()`` order (see layout.py), and gathered batches x (B, b, ...),
+y (B, b), mask (B, b), and supplies three functions; the ν-step recursion
+(metagrad.meta_gradients) is written once on top of them:
 
-    grad(params, x, y, mask)    -> (every agent's ∇f_i {name: (B, ...)}, the losses f_i (B,))
-    hvp(params, v, x, y, mask)  -> every agent's ∇²f_i(θ_i) v_i {name: (B, ...)}
-    logits(params, x)           -> (B, b, classes)
+    grad(theta, x, y, mask)     -> (every agent's ∇f_i as such a list, the losses f_i (B,))
+    hvp(theta, v, x, y, mask)   -> every agent's ∇²f_i(θ_i) v_i as such a list
+    logits(theta, x)            -> (B, b, classes)
 
-f_i is agent i's masked mean cross-entropy.
+f_i is agent i's masked mean cross-entropy. The returned tensors are fresh: the caller may
+update them in place. Every backend has ``layout`` (layout.ParamLayout).
 
 - ``stacked``: the block as ONE model whose parameters carry the agent axis
-  (models.stacked_forward; the built-in models). The sum of the agents' losses is separable, so
-  one autograd.grad gives every agent's gradient and a double backward with the stacked vectors
-  v_i gives every H_i v_i: a handful of batched kernels per layer, no torch.func transform.
+  (models.stacked_forward). The sum of the agents' losses is separable, so one autograd.grad
+  gives every agent's gradient and a double backward with the stacked vectors v_i gives every
+  H_i v_i: a handful of batched kernels per layer, no torch.func transform.
 - ``vmap``: torch.func vmap of grad / vjp-of-grad of the per-agent functional loss; any model.
 - ``chunked``: vmap over chunks of ``chunk`` agents (bounded memory).
-- ``loop``: one agent at a time with plain torch.autograd (what per-agent simulators do).
+- ``loop``: one agent at a time on one resident ``nn.Module`` whose parameters are loaded with
+  each agent's weights, plain torch.autograd (what per-agent simulators do; the fastest form where
+  per-agent kernels are already large, e.g. convolutions on the CPU).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
-from torch.func import grad, grad_and_value, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from . import metagrad
+from .layout import ParamLayout
 from .models import stacked_forward
 
 
 def masked_mean_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, b, C) logits, (B, b) labels and weights → (B,) each agent's masked mean cross-entropy."""
+    """(..., b, C) logits, (..., b) labels and weights → (...) each agent's masked mean cross-entropy."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
-    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return (ce * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
-def _leaves(params: dict) -> tuple[list[str], list[torch.Tensor]]:
-    names = list(params)
-    return names, [params[k].detach().requires_grad_(True) for k in names]
+def _leaves(theta: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().requires_grad_(True) for t in theta]
 
 
-def _dense(names, grads, like):
-    return {k: (g if g is not None else torch.zeros_like(p)) for k, g, p in zip(names, grads, like)}
+def _or_zeros(grads, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
 
 
 class Stacked:
@@ -49,76 +55,85 @@ class Stacked:
 
     Tried and not kept: a hand-derived backward of the dense layers (δ = (softmax − onehot)·mask/n,
     ∂W = δᵀh by bmm, no autograd graph) measured 0.92–1.12× the time of autograd on the digits MLP
-    (32 agents, τ = 5, ν ∈ {0, 1 fo, 3 exact}, 1 thread, two interleaved runs at load 6–7): no
-    clear gain for a second implementation of the gradient. The matrix products dominate.
+    (32 agents, τ = 5, ν ∈ {0, 1 fo, 3 exact}, 1 thread): no clear gain for a second
+    implementation of the gradient.
     """
     name = "stacked"
 
-    def __init__(self, forward):
-        self.forward = forward
+    def __init__(self, forward, layout: ParamLayout):
+        self.forward, self.layout = forward, layout
 
-    def logits(self, params, x):
-        return self.forward(params, x)
+    def _losses(self, leaves, x, y, mask):
+        return masked_mean_ce(self.forward(dict(zip(self.layout.names, leaves)), x), y, mask)
 
-    def grad(self, params, x, y, mask):
-        names, leaves = _leaves(params)
+    def logits(self, theta, x):
+        return self.forward(dict(zip(self.layout.names, theta)), x)
+
+    def grad(self, theta, x, y, mask):
+        leaves = _leaves(theta)
         with torch.enable_grad():
-            f = masked_mean_ce(self.forward(dict(zip(names, leaves)), x), y, mask)
+            f = self._losses(leaves, x, y, mask)
             g = torch.autograd.grad(f.sum(), leaves)
-        return dict(zip(names, g)), f.detach()
+        return list(g), f.detach()
 
-    def hvp(self, params, v, x, y, mask):
-        names, leaves = _leaves(params)
+    def hvp(self, theta, v, x, y, mask):
+        leaves = _leaves(theta)
         with torch.enable_grad():
-            f = masked_mean_ce(self.forward(dict(zip(names, leaves)), x), y, mask)
-            g = torch.autograd.grad(f.sum(), leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, grad_outputs=[v[k] for k in names], allow_unused=True)
-        return _dense(names, hv, leaves)
+            g = torch.autograd.grad(self._losses(leaves, x, y, mask).sum(), leaves, create_graph=True)
+            hv = torch.autograd.grad(g, leaves, grad_outputs=v, allow_unused=True)
+        return _or_zeros(hv, theta)
 
     def traceable(self):
         """The same block model differentiated with torch.func (grad, vjp of grad) instead of
         torch.autograd: what torch.compile traces correctly (measured: it miscompiles the
         create_graph double backward of the autograd form)."""
-        return StackedFunc(self.forward)
+        return StackedFunc(self.forward, self.layout)
 
 
 class StackedFunc(Stacked):
     """:class:`Stacked` with torch.func transforms (for torch.compile; slower eagerly)."""
 
-    def __init__(self, forward):
-        super().__init__(forward)
-        self._total = lambda p, x, y, m: masked_mean_ce(forward(p, x), y, m).sum()
-        self._losses = lambda p, x, y, m: masked_mean_ce(forward(p, x), y, m)
+    def __init__(self, forward, layout: ParamLayout):
+        super().__init__(forward, layout)
+        self._total = lambda t, x, y, m: self._losses(t, x, y, m).sum()
 
-    def grad(self, params, x, y, mask):
-        g = grad(self._total)(params, x, y, mask)
-        return g, self._losses(params, x, y, mask).detach()
+    def grad(self, theta, x, y, mask):
+        return list(grad(self._total)(list(theta), x, y, mask)), self._losses(theta, x, y, mask).detach()
 
-    def hvp(self, params, v, x, y, mask):
-        return vjp(lambda p: grad(self._total)(p, x, y, mask), params)[1](v)[0]
+    def hvp(self, theta, v, x, y, mask):
+        return list(vjp(lambda t: grad(self._total)(t, x, y, mask), list(theta))[1](list(v))[0])
 
     def traceable(self):
         return self
+
+
+def agent_loss(model: torch.nn.Module, layout: ParamLayout):
+    """f(θ, x, y, mask): one agent's masked mean cross-entropy of ``model`` at θ (a list of tensors)."""
+    def loss(theta, x, y, mask):
+        return masked_mean_ce(functional_call(model, dict(zip(layout.names, theta)), (x,)), y, mask)
+    return loss
 
 
 class Vmap:
     """torch.func: vmap over agents of the per-agent functional loss (any model)."""
     name = "vmap"
 
-    def __init__(self, model: torch.nn.Module):
-        loss = metagrad.make_loss(model)
+    def __init__(self, model: torch.nn.Module, layout: ParamLayout):
+        self.layout = layout
+        loss = agent_loss(model, layout)
         self._grad = vmap(grad_and_value(loss))
-        self._hvp = vmap(lambda p, v, x, y, m: metagrad.hvp_exact(loss, p, v, x, y, m))
-        self._logits = vmap(metagrad.make_logits(model))
+        self._hvp = vmap(lambda t, v, x, y, m: vjp(lambda p: grad(loss)(p, x, y, m), t)[1](v)[0])
+        self._logits = vmap(lambda t, x: functional_call(model, dict(zip(layout.names, t)), (x,)))
 
-    def logits(self, params, x):
-        return self._logits(params, x)
+    def logits(self, theta, x):
+        return self._logits(list(theta), x)
 
-    def grad(self, params, x, y, mask):
-        return self._grad(params, x, y, mask)
+    def grad(self, theta, x, y, mask):
+        g, value = self._grad(list(theta), x, y, mask)
+        return list(g), value
 
-    def hvp(self, params, v, x, y, mask):
-        return self._hvp(params, v, x, y, mask)
+    def hvp(self, theta, v, x, y, mask):
+        return list(self._hvp(list(theta), list(v), x, y, mask))
 
     def traceable(self):
         return self
@@ -128,69 +143,81 @@ class Chunked(Vmap):
     """:class:`Vmap` over chunks of ``chunk`` agents: memory bounded by the chunk, not the block."""
     name = "chunked"
 
-    def __init__(self, model: torch.nn.Module, chunk: int):
-        super().__init__(model)
+    def __init__(self, model: torch.nn.Module, layout: ParamLayout, chunk: int):
+        super().__init__(model, layout)
         self.chunk = chunk
 
     def _chunks(self, fn, *args):
         B = args[-1].shape[0]
         if B <= self.chunk:
             return fn(*args)
-        cut = lambda a, s: {k: t[s:s + self.chunk] for k, t in a.items()} if isinstance(a, dict) else a[s:s + self.chunk]
+        cut = lambda a, s: [t[s:s + self.chunk] for t in a] if isinstance(a, list) else a[s:s + self.chunk]  # noqa: E731
         parts = [fn(*(cut(a, s) for a in args)) for s in range(0, B, self.chunk)]
-        cat = lambda ps: {k: torch.cat([p[k] for p in ps]) for k in ps[0]} if isinstance(ps[0], dict) else torch.cat(ps)
+        cat = lambda ps: [torch.cat(ts) for ts in zip(*ps)] if isinstance(ps[0], list) else torch.cat(ps)  # noqa: E731
         return tuple(cat(list(p)) for p in zip(*parts)) if isinstance(parts[0], tuple) else cat(parts)
 
-    def logits(self, params, x):
-        return self._chunks(super().logits, params, x)
+    def logits(self, theta, x):
+        return self._chunks(super().logits, list(theta), x)
 
-    def grad(self, params, x, y, mask):
-        return self._chunks(super().grad, params, x, y, mask)
+    def grad(self, theta, x, y, mask):
+        return self._chunks(super().grad, list(theta), x, y, mask)
 
-    def hvp(self, params, v, x, y, mask):
-        return self._chunks(super().hvp, params, v, x, y, mask)
+    def hvp(self, theta, v, x, y, mask):
+        return self._chunks(super().hvp, list(theta), list(v), x, y, mask)
 
 
 class Loop:
-    """One agent at a time with plain torch.autograd on the model applied functionally."""
+    """One agent at a time on ONE resident copy of the model: its parameters are loaded with each
+    agent's weights (a copy of d values) and differentiated with plain torch.autograd."""
     name = "loop"
 
-    def __init__(self, model: torch.nn.Module):
-        self.loss = metagrad.make_loss(model)
-        self._logits = metagrad.make_logits(model)
+    def __init__(self, model: torch.nn.Module, layout: ParamLayout):
+        self.model = copy.deepcopy(model).requires_grad_(True)
+        self.layout = layout
+        self.params = [dict(self.model.named_parameters())[n] for n in layout.names]
 
-    def logits(self, params, x):
-        return torch.stack([self._logits({k: p[a] for k, p in params.items()}, x[a]) for a in range(x.shape[0])])
+    def _load(self, theta, a: int) -> None:
+        if self.params[0].device != theta[0].device:
+            self.model.to(theta[0].device)
+            self.params = [dict(self.model.named_parameters())[n] for n in self.layout.names]
+        with torch.no_grad():
+            for p, t in zip(self.params, theta):
+                p.copy_(t[a])
 
-    def _each(self, params, x, y, mask, fn):
-        out = None
+    def logits(self, theta, x):
+        out = []
         for a in range(x.shape[0]):
-            names, leaves = _leaves({k: p[a] for k, p in params.items()})
+            self._load(theta, a)
+            with torch.no_grad():
+                out.append(self.model(x[a]))
+        return torch.stack(out)
+
+    def _each(self, theta, x, y, mask, one) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for t in theta]
+        for a in range(x.shape[0]):
+            self._load(theta, a)
             with torch.enable_grad():
-                f = self.loss(dict(zip(names, leaves)), x[a], y[a], mask[a])
-                res = fn(a, names, leaves, f)
-            if out is None:
-                out = {k: torch.empty((x.shape[0],) + r.shape, dtype=r.dtype, device=r.device) for k, r in res.items()}
-            for k, r in res.items():
-                out[k][a] = r
+                f = masked_mean_ce(self.model(x[a]), y[a], mask[a])
+                for o, g in zip(out, one(a, f)):
+                    o[a] = g
         return out
 
-    def grad(self, params, x, y, mask):
+    def grad(self, theta, x, y, mask):
         values = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
 
-        def one(a, names, leaves, f):
+        def one(a, f):
             values[a] = f.detach()
-            return dict(zip(names, torch.autograd.grad(f, leaves)))
+            return torch.autograd.grad(f, self.params)
 
-        return self._each(params, x, y, mask, one), values
+        return self._each(theta, x, y, mask, one), values
 
-    def hvp(self, params, v, x, y, mask):
-        def one(a, names, leaves, f):
-            g = torch.autograd.grad(f, leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, grad_outputs=[v[k][a] for k in names], allow_unused=True)
-            return _dense(names, hv, leaves)
+    def hvp(self, theta, v, x, y, mask):
+        def one(a, f):
+            g = torch.autograd.grad(f, self.params, create_graph=True)
+            hv = torch.autograd.grad(g, self.params, grad_outputs=[t[a] for t in v], allow_unused=True)
+            return _or_zeros(hv, self.params)
 
-        return self._each(params, x, y, mask, one)
+        return self._each(theta, x, y, mask, one)
 
 
 def has_stacked_form(model: torch.nn.Module) -> bool:
@@ -204,16 +231,17 @@ def default_strategy(model: torch.nn.Module) -> str:
 
 def make(model: torch.nn.Module, strategy: str, chunk: int = 64):
     """The backend ``strategy`` (one of metagrad.STRATEGIES) for ``model``."""
+    layout = ParamLayout.of(dict(model.named_parameters()))
     if strategy == "stacked":
         forward = stacked_forward(model)
         if forward is None:
             raise ValueError(f"train.strategy = 'stacked': {type(model).__name__} has no stacked form "
                              "(use vmap, chunked or loop)")
-        return Stacked(forward)
+        return Stacked(forward, layout)
     if strategy == "vmap":
-        return Vmap(model)
+        return Vmap(model, layout)
     if strategy == "chunked":
-        return Chunked(model, chunk)
+        return Chunked(model, layout, chunk)
     if strategy == "loop":
-        return Loop(model)
+        return Loop(model, layout)
     raise ValueError(f"strategy must be one of {metagrad.STRATEGIES}, got {strategy!r}")

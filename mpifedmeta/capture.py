@@ -34,16 +34,15 @@ def _notice(key, text: str) -> None:
             print(f"mpifedmeta: train.compile: {text}; running the local round eagerly", file=sys.stderr, flush=True)
 
 
-def _signature(backend, params, X, idx, mask, meta, beta):
-    shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in params.items())
-    return (id(backend), meta, beta, shapes, tuple(X.shape), X.dtype, X.device, tuple(idx.shape),
-            tuple(idx.stride()), tuple(mask.stride()))
+def _signature(backend, theta, X, idx, mask, meta, beta):
+    return (id(backend), meta, beta, tuple(theta.shape), theta.dtype, tuple(X.shape), X.dtype, X.device,
+            tuple(idx.shape), tuple(idx.stride()), tuple(mask.stride()))
 
 
-def local_update(backend, params, X, Y, idx, mask, meta, beta, mode: str):
+def local_update(backend, theta, X, Y, idx, mask, meta, beta, mode: str):
     """metagrad.local_update_eager captured according to ``mode``; None where it cannot be (then
-    the caller runs it eagerly)."""
-    key = (mode,) + _signature(backend, params, X, idx, mask, meta, beta)
+    the caller runs it eagerly). Like the eager round it updates ``theta`` in place."""
+    key = (mode,) + _signature(backend, theta, X, idx, mask, meta, beta)
     if key in _failed:
         return None
     if mode == "cudagraphs":
@@ -51,7 +50,7 @@ def local_update(backend, params, X, Y, idx, mask, meta, beta, mode: str):
             _notice(key, '"cudagraphs" needs a CUDA device')
             return None
         try:
-            return _replay(key, backend, params, X, Y, idx, mask, meta, beta)
+            return _replay(key, backend, theta, X, Y, idx, mask, meta, beta)
         except Exception as e:   # capture rejects some operations; never needed
             _graphs.pop(key, None)
             _notice(key, f"CUDA graph capture failed ({_first_line(e)})")
@@ -67,7 +66,10 @@ def local_update(backend, params, X, Y, idx, mask, meta, beta, mode: str):
                 return metagrad.local_update_eager(traceable, p, X_, Y_, i, m, meta, beta)
             fn = _compiled[key] = torch.compile(round_, dynamic=False,
                                                 mode="reduce-overhead" if X.device.type == "cuda" else None)
-        return fn(params, X, Y, idx, mask)
+        out, losses = fn(theta, X, Y, idx, mask)
+        if out is not theta:         # the compiled function may return a new tensor
+            theta.copy_(out)
+        return theta, losses
     except Exception as e:        # torch.compile cannot handle every transform combination
         _compiled.pop(key, None)
         _notice(key, f"torch.compile failed ({_first_line(e)})")
@@ -79,10 +81,10 @@ def _first_line(e: Exception) -> str:
     return text[:200]
 
 
-def _replay(key, backend, params, X, Y, idx, mask, meta, beta):
+def _replay(key, backend, theta, X, Y, idx, mask, meta, beta):
     entry = _graphs.get(key)
     if entry is None:
-        static = ({k: v.clone() for k, v in params.items()}, idx.clone(), mask.clone())
+        static = (theta.clone(), idx.clone(), mask.clone())
 
         def run():
             return metagrad.local_update_eager(backend, static[0], X, Y, static[1], static[2], meta, beta)
@@ -98,9 +100,9 @@ def _replay(key, backend, params, X, Y, idx, mask, meta, beta):
             out = run()
         entry = _graphs[key] = (graph, static, out)
     graph, static, out = entry
-    for k, v in params.items():
-        static[0][k].copy_(v)
+    static[0].copy_(theta)
     static[1].copy_(idx)
     static[2].copy_(mask)
     graph.replay()
-    return {k: v.clone() for k, v in out[0].items()}, out[1].clone()
+    theta.copy_(out[0])
+    return theta, out[1].clone()

@@ -1,14 +1,17 @@
-"""Fixed-shape agent chunks (``train.agent_chunk``).
+"""Agent chunks: how every batched call over a rank's agents is cut (``train.agent_chunk``).
 
-A rank's batched calls (local round, evaluation, stationarity) would otherwise see B = the
-rank's agents, a number that changes with the number of ranks. GPU libraries choose kernels
-(cuBLAS batched GEMM, split-K, cuDNN grouped convolutions) partly by that batch count, so one
-agent's bits could depend on P. With a chunk size C every call sees exactly C agents: the last
-chunk is padded with dummy agents (copies of the chunk's first agent with mask 0) whose results
-are dropped, so they never reach a sum.
+The local round, the evaluation, the stationarity diagnostic and the strategy timing all run
+their agents through :func:`each` — one definition of "chunk": at most ``size`` agents per call,
+each call padded to exactly ``size`` agents when ``size`` > 0, so that kernel shapes never
+depend on the number of ranks. GPU libraries choose kernels (cuBLAS batched GEMM, split-K, cuDNN
+grouped convolutions) partly by the batch count, so one agent's bits could otherwise depend on P.
+Padding agents are copies of the chunk's first agent with mask 0; their results are never used.
+On the CPU a chunk also keeps the block's models cache-sized (strategy.py picks the size).
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
@@ -43,8 +46,20 @@ def pad(t: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:
     return torch.cat([base, extra]).expand((size,) + shape[1:])
 
 
-def pad_to_multiple(t: torch.Tensor, size: int, fill: float | None = None) -> torch.Tensor:
-    """``t`` padded along dim 0 to a multiple of ``size`` (unchanged when ``size`` is 0)."""
-    if size <= 0 or t.shape[0] % size == 0:
-        return t
-    return pad(t, t.shape[0] + size - t.shape[0] % size, fill)
+def each(n: int, size: int, indices: tuple[torch.Tensor, ...] = (), masks: tuple[torch.Tensor, ...] = (),
+         fixed: bool = True) -> Iterator[tuple[int, int, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """For each chunk of the ``n`` agents: (start, stop, the index tensors' rows, the masks' rows),
+    padded to exactly ``size`` rows when ``fixed`` (indices with copies of the first row, masks
+    with 0). ``size`` 0: one chunk of every agent, unpadded."""
+    for a, b in spans(n, size):
+        i = tuple(t[a:b] for t in indices)
+        m = tuple(t[a:b] for t in masks)
+        if fixed and size > 0:
+            i = tuple(pad(t, size) for t in i)
+            m = tuple(pad(t, size, 0.0) for t in m)
+        yield a, b, i, m
+
+
+def broadcast(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """The flat global model (d,) copied into a (rows, d) tensor of the chunk's own local models."""
+    return w.expand(rows, w.shape[-1]).clone()

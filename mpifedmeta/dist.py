@@ -114,6 +114,7 @@ def choose_device(world: World, preference: str = "auto", threads: int = 0,
     if threads > cores:       # torch would try to start that many OpenMP threads and crash far from here
         raise LaunchError(f"train.threads = {threads}: more than the {cores} CPU cores of this node")
     torch.set_num_threads(threads if threads > 0 else devices.default_cpu_threads(os.environ)[0])
+    devices.tune_host_allocator(os.environ)
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         devices.set_deterministic_cuda()          # before the context: CUBLAS_WORKSPACE_CONFIG
         devices.set_tf32(allow_tf32)

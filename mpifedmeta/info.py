@@ -18,7 +18,8 @@ def rank_line(world: dist.World, device: torch.device, record: dict) -> str:
     return (f"rank {world.rank:>4}  host {socket.gethostname()}  local rank {world.local_rank}/{world.local_size}  "
             f"device {device} ({name}{gpu})  torch threads {torch.get_num_threads()}{_threads_why()}  "
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}  "
-            f"SLURM_LOCALID={os.environ.get('SLURM_LOCALID', 'unset')}")
+            f"SLURM_LOCALID={os.environ.get('SLURM_LOCALID', 'unset')}  "
+            f"host allocator {devices.tune_host_allocator(os.environ).split(' (')[0]}")
 
 
 def _threads_why() -> str:

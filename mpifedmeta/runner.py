@@ -26,8 +26,9 @@ EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED, EXIT_DISK_FULL
 RESUMABLE_KEYS = keys_where("resumable")
 
 
-def _params_numpy(params: dict) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in params.items()}
+def _params_numpy(s: "Setup", w: torch.Tensor) -> dict[str, np.ndarray]:
+    """The flat global model as {parameter name: array} (the checkpoint's datasets)."""
+    return {k: v.numpy() for k, v in s.layout.split(w.detach().cpu()).items()}
 
 
 class _Writer:
@@ -60,7 +61,7 @@ class _Writer:
             self.train, self.eval = [], []
             r, params, wall = self.done
             if checkpoint and self.on_disk != r:
-                io.write_checkpoint(self.out_dir, r, _params_numpy(params), self.s.cfg.to_json(),
+                io.write_checkpoint(self.out_dir, r, _params_numpy(self.s, params), self.s.cfg.to_json(),
                                     _ckpt_attrs(self.s, wall), self.s.cfg.output.keep)
                 self.on_disk = r
         finally:
@@ -88,26 +89,27 @@ def _due(round_: int, every: int, last: int) -> bool:
     return round_ % every == 0 or round_ == last
 
 
-def _run_round(s: Setup, params: dict, r: int) -> tuple[dict | None, float, int, int, dict]:
-    """Local round on every rank, then the server step; (params, meta-loss, bad terms, stop, timings)."""
+def _run_round(s: Setup, params: torch.Tensor, r: int) -> tuple[torch.Tensor | None, float, int, int, dict]:
+    """Local round on every rank, then the server step; (new w, meta-loss, bad agents, stop, timings)."""
     cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, s.cfg.train.agents_per_round)
-    weights = algorithm.aggregation_weights(cohort, s.train_counts, s.cfg.train.weighting)
+    weights = algorithm.cohort_weights(cohort, s.train_counts, s.cfg.train.weighting)
     tc = time.perf_counter()
-    limbs, bad = algorithm.local_round(s.backend, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
-    if limbs.is_cuda:
-        torch.cuda.synchronize(limbs.device)
+    sums = algorithm.local_round(s.backend, cohort_block(s, cohort), params, s.spec, r, cohort, weights)
+    if params.is_cuda:
+        torch.cuda.synchronize(params.device)
     t_compute = time.perf_counter() - tc
     _maybe_inject_failure(s.world, r)
     stop = 1 if signals.requested() else 0
-    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, s.stage, limbs, bad, [stop], params)
+    new_params, meta_loss, (bad, stop), timings = algorithm.aggregate(s.world, s.stage, sums, [stop], params,
+                                                                             int(weights.sum()))
     # every rank's compute time, max and min: load imbalance told apart from communication
     timings["compute_time"], timings["compute_time_min"] = dist.max_min(s.world, t_compute)
     return new_params, meta_loss, bad, stop, timings
 
 
 def _report_divergence(world: dist.World, r: int, bad: int) -> int:
-    say(world, f"mpifedmeta: diverged in round {r}: {bad} non-finite or out-of-range (|value| >= "
-               f"{exactsum.LIMIT:g}) parameter terms; keeping the last good checkpoint. "
+    say(world, f"mpifedmeta: diverged in round {r}: non-finite or out-of-range (|value| >= {exactsum.LIMIT:g}) "
+               f"parameters in the local models ({bad} agent chunk(s)); keeping the last good checkpoint. "
                "Lower train.beta / train.alpha.", err=True)
     return EXIT_DIVERGED
 
@@ -226,10 +228,10 @@ def _start_new(cfg: Config, world: dist.World) -> int:
 
     def first_checkpoint():
         io.append_metrics(out_dir, [], [row])
-        io.write_checkpoint(out_dir, 0, _params_numpy(params), cfg.to_json(), _ckpt_attrs(s, 0.0), cfg.output.keep)
+        io.write_checkpoint(out_dir, 0, _params_numpy(s, params), cfg.to_json(), _ckpt_attrs(s, 0.0), cfg.output.keep)
     agreed(world, first_checkpoint, root_only=True, errors=())
     say(world, f"mpifedmeta {__version__}: {s.population.num_agents} agents ({s.population.num_agents - s.num_train} holdout) on "
-               f"{world.size} rank(s), {cfg.model.name} with {sum(v.numel() for v in params.values())} parameters, "
+               f"{world.size} rank(s), {cfg.model.name} with {params.numel()} parameters, "
                f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, strategy {chosen}")
     return train(s, out_dir, params, 0, 0.0)
 
@@ -241,7 +243,7 @@ def _ckpt_attrs(s: Setup, wall: float) -> dict:
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
-            "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(sum(v.numel() for v in params.values())),
+            "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(params.numel()),
             "world_size_at_start": s.world.size, **_device_attrs(s)}
 
 
@@ -275,7 +277,7 @@ def _resume(out_dir: str, world: dist.World, rounds: int | None) -> int:
         return EXIT_OK
     s = setup(cfg, world)
     like = initial_params(s)
-    expect = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in like.items()}
+    expect = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in s.layout.split(like).items()}
 
     def load_then_cut():
         _, values, _, _ = io.read_checkpoint(path, expect)     # shapes and dtypes checked before any data is read
@@ -285,7 +287,7 @@ def _resume(out_dir: str, world: dist.World, rounds: int | None) -> int:
             print(f"mpifedmeta: dropped {dropped} metrics rows written after the checkpoint of round {round_}", flush=True)
         return values
     values = dist.broadcast(world, agreed(world, load_then_cut, root_only=True))
-    params = {k: torch.as_tensor(values[k]).to(device=s.device, dtype=s.dtype) for k in like}
+    params = s.layout.flatten({k: torch.as_tensor(values[k]) for k in s.layout.names}).to(device=s.device, dtype=s.dtype)
     choose_strategy(s, params, recorded)
     say(world, f"mpifedmeta: {_now()} resuming {out_dir} at round {round_} of {cfg.train.rounds} on {world.size} rank(s)")
     return train(s, out_dir, params, round_, wall)

@@ -20,6 +20,7 @@ from . import algorithm, backends, budget, capture, devices, dist, exactsum, io,
 from .config import Config, ConfigError
 from .console import say
 from .data import DataError
+from .layout import ParamLayout
 from .models import build_model, param_dict
 
 class BadInput(RuntimeError):
@@ -85,11 +86,8 @@ class Setup:
     world: dist.World
     device: torch.device
     dtype: torch.dtype
-    partition: object            # the stored partition (None for generated populations)
     block: object                # this rank's resident block (None for generated populations)
     model: torch.nn.Module
-    loss: object
-    logits: object
     num_train: int
     train_counts: np.ndarray
     eval_train_ids: np.ndarray
@@ -101,6 +99,7 @@ class Setup:
     device_map: list = None          # every rank's (host, device) record
     population: object = None
     eval_widths: tuple = (1, 1)  # generated populations: padding widths of the evaluated agents
+    layout: ParamLayout = None   # the model's parameters <-> the flat global model w (d,)
 
 
 def setup(cfg: Config, world: dist.World) -> Setup:
@@ -151,9 +150,9 @@ def setup(cfg: Config, world: dist.World) -> Setup:
     spec = algorithm.RoundSpec(t.seed, t.local_steps, t.beta, t.batch_size,
                                metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
                                metagrad.capture_mode(t.compile), devices.resolve_agent_chunk(t.agent_chunk, device.type))
-    setup_ = Setup(cfg, world, device, dtype, getattr(pop, "partition", None), block, model, metagrad.make_loss(model),
-                   metagrad.make_logits(model), num_train, pop.train_counts, eval_ids, holdout_ids, spec, backend,
+    setup_ = Setup(cfg, world, device, dtype, block, model, num_train, pop.train_counts, eval_ids, holdout_ids, spec, backend,
                    strategy, dist.HostStage(device), records, pop)
+    setup_.layout = ParamLayout.of(dict(model.named_parameters()))
     if not pop.resident:
         setup_.eval_widths = population.widths(pop, np.concatenate([eval_ids, holdout_ids]))
     model.requires_grad_(False)
@@ -181,8 +180,9 @@ def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
     return desc
 
 
-def initial_params(s: Setup) -> dict[str, torch.Tensor]:
-    return {k: v.to(s.device) for k, v in param_dict(s.model).items()}
+def initial_params(s: Setup) -> torch.Tensor:
+    """The initial global model as one flat tensor (d,) on the rank's device."""
+    return s.layout.flatten(param_dict(s.model)).to(s.device)
 
 
 def cohort_block(s: Setup, cohort: np.ndarray):
@@ -226,7 +226,7 @@ def evaluate(s: Setup, params: dict, round_: int) -> dict | None:
     rows = dist.gather_rows(s.world, rows)
     grad_norm_sq = meta_loss_full = float("nan")
     if s.cfg.eval.stationarity:
-        d = sum(v.numel() for v in params.values())
+        d = params.numel()
         limbs = torch.zeros(2, d + 1, dtype=torch.int64, device=s.device)
         for blk in _stationarity_blocks(s):
             limbs += algorithm.stationarity_block(s.backend, blk, params, s.num_train, s.cfg.train.nu,

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import algorithm, backends, metagrad
+from . import algorithm, backends, chunks, metagrad
 
 CANDIDATES = ("loop", "chunked", "stacked", "vmap")    # least memory first (CPU peak memory is monotonic)
 
@@ -100,7 +100,7 @@ class NoStrategyFits(RuntimeError):
     """No candidate backend fits train.memory_budget (the message is one line)."""
 
 
-def choose(setting: str, model: torch.nn.Module, block, params: dict, spec: algorithm.RoundSpec,
+def choose(setting: str, model: torch.nn.Module, block, params: torch.Tensor, spec: algorithm.RoundSpec,
            agents: int, chunk: int, memory_budget_mb: float, recorded: str | None,
            allgather: Callable[[object], list]) -> tuple[str, str]:
     """The strategy this run uses and a one-line description of how it was chosen.
@@ -120,10 +120,11 @@ def choose(setting: str, model: torch.nn.Module, block, params: dict, spec: algo
     one = dataclasses.replace(spec, local_steps=1)
     idx, mask = algorithm.round_batches(block, one, 0, ids, ids - block.lo)
     batches = metagrad.gather(block.X_train, block.Y_train, idx[:, 0], mask[:, 0])
-    stacked = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in params.items()}
+    theta = chunks.broadcast(params, B)
 
     def step(cand: str, chunk_: int) -> None:
-        metagrad.meta_gradients(backends.make(model, cand, chunk_), stacked, batches, spec.meta)
+        backend = backends.make(model, cand, chunk_)
+        metagrad.meta_gradients(backend, backend.layout.views(theta), batches, spec.meta)
 
     mine = measure(step, block.device, chunk, B, memory_budget_mb, candidates=cands)
     every = allgather((mine.seconds, mine.skipped))

@@ -18,7 +18,7 @@ import torch
 
 from helpers import (assert_models_identical, arrays_identical, cli_env, describe, final_model, read_metrics,
                      sets, write_tiny_config)
-from mpifedmeta import backends, devices, metagrad
+from mpifedmeta import backends, devices, metagrad, reference
 from mpifedmeta.models import build_model, param_dict
 
 pytestmark = pytest.mark.cuda
@@ -45,10 +45,10 @@ def _problem(model_name, seed=0):
 
 
 def _reference(model, stacked, X, Y, idx, mask, method):
-    loss = metagrad.make_loss(model)
+    loss = reference.make_loss(model)
     out = []
     for a in range(B):
-        g, _ = metagrad.agent_meta_gradient_autograd(loss, {k: v[a] for k, v in stacked.items()}, X, Y, idx[a],
+        g, _ = reference.agent_meta_gradient_autograd(loss, {k: v[a] for k, v in stacked.items()}, X, Y, idx[a],
                                                      mask[a], NU, ALPHA, method, DELTA)
         out.append(torch.cat([t.reshape(-1) for t in g.values()]))
     return torch.stack(out)
@@ -57,10 +57,11 @@ def _reference(model, stacked, X, Y, idx, mask, method):
 def _on(device, dtype, model, stacked, X, Y, idx, mask, method, strategy):
     """The engine's batched meta-gradients (backend ``strategy``) on ``device`` in ``dtype``."""
     m = copy.deepcopy(model).to(device=device, dtype=dtype)
-    g, _ = metagrad.block_meta_gradients(backends.make(m, strategy), {k: v.to(device, dtype) for k, v in stacked.items()},
-                                         X.to(device, dtype), Y.to(device), idx.to(device), mask.to(device, dtype),
-                                         metagrad.MetaSpec(NU, ALPHA, method, DELTA))
-    return torch.cat([t.reshape(B, -1) for t in g.values()], dim=1).double().cpu()
+    backend = backends.make(m, strategy)
+    theta = [stacked[n].to(device, dtype) for n in backend.layout.names]
+    g, _ = metagrad.block_meta_gradients(backend, theta, X.to(device, dtype), Y.to(device), idx.to(device),
+                                         mask.to(device, dtype), metagrad.MetaSpec(NU, ALPHA, method, DELTA))
+    return torch.cat([t.reshape(B, -1) for t in g], dim=1).double().cpu()
 
 
 def _rel(a, b):

@@ -160,6 +160,77 @@ def _batch(agents, counts, seed=0, round_=1, steps=3, slots=2, batch=5):
                              torch.as_tensor(counts, dtype=torch.int64), steps, slots, batch)
 
 
+# --------------------------------------------------------------------------- the round's displacement sums
+
+def _average(theta: np.ndarray, w: np.ndarray, c: np.ndarray, splits) -> np.ndarray:
+    """The engine's FedAvg average of the rows of ``theta`` (weights ``c``) with the rows split into
+    blocks as given (each block encoded separately, the int64 sums added: what the ranks do)."""
+    C = int(c.sum())
+    bits = exactsum.grid_bits(C)
+    dt = torch.float64 if theta.dtype == np.float64 else torch.float32
+    scale = torch.as_tensor(c, dtype=torch.float64) * 2.0 ** bits
+    total = np.zeros(theta.shape[1], dtype=np.int64)
+    for a, b in splits:
+        q, bad = exactsum.encode_displacements(torch.as_tensor(theta[a:b]), torch.as_tensor(w), scale[a:b].to(dt))
+        assert int(bad) == 0
+        total += q.numpy()
+    return exactsum.decode_displacements(total, w.astype(np.float64), bits, C)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("weights", ["uniform", "samples"])
+def test_displacement_average_is_within_the_stated_bound_of_float64(seed, weights):
+    g = np.random.default_rng(seed)
+    m, d = 32, 500
+    w = g.standard_normal(d) * 0.5
+    theta = w + g.standard_normal((m, d)) * 10.0 ** g.uniform(-6, 0, size=(m, 1))
+    c = np.ones(m, np.int64) if weights == "uniform" else g.integers(1, 5000, m)
+    got = _average(theta, w, c, [(0, m)])
+    exact = [sum((Fraction(int(ci)) * (Fraction(float(t)) - Fraction(float(w[j]))) for ci, t in zip(c, theta[:, j])),
+                 Fraction(0)) / int(c.sum()) + Fraction(float(w[j])) for j in range(0, d, 25)]
+    bound = m * 2.0 ** -45                          # the module docstring's bound, plus float64 rounding
+    errs = [abs(float(Fraction(float(got[j])) - e)) for j, e in zip(range(0, d, 25), exact)]
+    assert max(errs) <= bound + 4 * np.spacing(np.abs(got).max()), max(errs)
+    assert max(abs(got - (c[:, None] * theta).sum(0) / c.sum())) < 1e-9     # the float64 reference
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_displacement_sums_do_not_depend_on_the_split(dtype):
+    g = np.random.default_rng(3)
+    m, d = 12, 300
+    w = (g.standard_normal(d) * 0.1).astype(dtype)
+    theta = (w + g.standard_normal((m, d)) * 1e-3).astype(dtype)
+    c = g.integers(1, 100, m)
+    ref = _average(theta, w, c, [(0, m)])
+    for splits in ([(0, 5), (5, 12)], [(0, 1), (1, 2), (2, 12)], [(i, i + 1) for i in range(m)]):
+        assert np.array_equal(ref, _average(theta, w, c, splits)), splits
+
+
+def test_displacement_flag_catches_nan_inf_and_out_of_range():
+    w = torch.zeros(4)
+    scale = torch.full((2,), 2.0 ** exactsum.grid_bits(2))
+    for bad_value in (float("nan"), float("inf"), -float("inf"), 2.0 ** 16, -(2.0 ** 16)):
+        theta = torch.zeros(2, 4)
+        theta[1, 2] = bad_value
+        assert int(exactsum.encode_displacements(theta, w, scale)[1]) == 1, bad_value
+    ok = torch.full((2, 4), 2.0 ** 16 - 1)
+    assert int(exactsum.encode_displacements(ok, w, scale)[1]) == 0
+
+
+def test_grid_bits_keep_the_largest_sum_inside_int64():
+    for C in (1, 2, 3, 32, 1000, 12345, 10 ** 7):
+        k = exactsum.grid_bits(C)
+        # every term |c_i (θ_i − w)| < c_i·2¹⁷, so the sum over the cohort stays below C·2¹⁷·2^k ≤ 2⁶²
+        assert C * 2 ** 17 * 2 ** k <= 2 ** 62 < 2 * C * 2 ** 17 * 2 ** k
+    with pytest.raises(ValueError):
+        exactsum.grid_bits(0)
+    c = np.array([3, 1])       # extreme displacements: the int64 sum neither overflows nor wraps
+    theta = np.array([[2.0 ** 16 - 2 ** -4], [2.0 ** 16 - 2 ** -4]])
+    w = np.array([-(2.0 ** 16) + 2 ** -4])
+    got = _average(theta, w, c, [(0, 1), (1, 2)])
+    assert got[0] == theta[0, 0]
+
+
 def test_batch_indices_shape_range_dtype():
     agents, counts = [3, 7, 9, 11], [10, 50, 1, 1_000_003]
     idx = _batch(agents, counts)

@@ -82,6 +82,6 @@ def test_float32_run_keeps_float32_features(tmp_path):
     path, x, _ = _npz(tmp_path)
     assert load_dataset("npz", path).x.dtype == np.float32
     s = runner.setup(_cfg(path, str(tmp_path / "run32"), "float32"), _world())
-    rows = s.partition.train_idx
+    rows = s.population.partition.train_idx
     assert s.block.X_train.dtype == torch.float32
     assert torch.equal(s.block.X_train, torch.as_tensor(x[rows].astype(np.float32)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from helpers import REPO, TEST_DEVICE
+from helpers import local_round_array, REPO, TEST_DEVICE
 from mpifedmeta import algorithm, chunks, config, devices, dist, runner
 from mpifedmeta.block import build_block
 from mpifedmeta.data import load_dataset
@@ -32,9 +32,10 @@ def test_pad_repeats_row_0_or_fills():
     z = chunks.pad(t.float(), 4, 0.0)
     assert z[3].tolist() == [0.0, 0.0]
     assert chunks.pad(t, 2) is t
-    assert chunks.pad_to_multiple(t, 0) is t and chunks.pad_to_multiple(t, 3) is t
-    assert chunks.pad_to_multiple(t, 4).shape == (4, 2) and chunks.pad_to_multiple(t, 2).shape == (4, 2)
-    assert chunks.pad_to_multiple(torch.ones(3, 2, dtype=torch.bool), 4, 0)[3].tolist() == [False, False]
+    got = [(a, b, i[0].shape[0], m[0][:, 0].tolist()) for a, b, i, m in chunks.each(3, 2, (t,), (t.float(),))]
+    assert got == [(0, 2, 2, [0.0, 2.0]), (2, 3, 2, [4.0, 0.0])]     # the last chunk padded: index row 0, mask 0
+    assert [i[0].shape[0] for _, _, i, _ in chunks.each(3, 2, (t,), (), fixed=False)] == [2, 1]
+    assert [(a, b) for a, b, _, _ in chunks.each(3, 0, (t,))] == [(0, 3)]
 
 
 # --------------------------------------------------------------------------- padding changes no bit
@@ -65,16 +66,16 @@ CHUNKS = [0, 1, 2, 3, 32]
 def _limbs(s, ds, params, split, agent_chunk, fn="round"):
     import dataclasses
     spec = dataclasses.replace(s.spec, agent_chunk=agent_chunk)
-    w = algorithm.aggregation_weights(COHORT, s.train_counts, "samples")
+    w = algorithm.cohort_weights(COHORT, s.train_counts, "samples")
     total = 0
     for lo, hi in split:
-        blk = build_block(ds.x, ds.y, s.partition, lo, hi, s.device, s.dtype)
+        blk = build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype)
         if fn == "round":
-            limbs, bad = algorithm.local_round(s.backend, blk, params, spec, 1, COHORT, w)
+            limbs, bad = local_round_array(s.backend, blk, params, spec, 1, COHORT, w)
             assert bad.shape == () and int(bad) == 0
         else:
-            limbs = algorithm.stationarity_block(s.backend, blk, params, s.num_train, 2, 0.05, 256, agent_chunk)
-        total = total + limbs.cpu().numpy()
+            limbs = algorithm.stationarity_block(s.backend, blk, params, s.num_train, 2, 0.05, 256, agent_chunk).cpu().numpy()
+        total = total + limbs
     return total
 
 
@@ -108,7 +109,7 @@ def test_agent_chunk_padding_evaluation():
 
     def rows(split, C):
         return np.concatenate([algorithm.evaluate_block(
-            s.backend, build_block(ds.x, ds.y, s.partition, lo, hi, s.device, s.dtype), params, ids,
+            s.backend, build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype), params, ids,
             [0, 1, 2], 0.05, 256, C) for lo, hi in split])
 
     ref = rows(SPLITS[0], 0)
@@ -119,11 +120,11 @@ def test_agent_chunk_padding_evaluation():
 
 def test_divergence_count_stays_on_the_device():
     s, ds, params = _setup(8, "float32")
-    bad_params = {k: v.clone() for k, v in params.items()}
-    next(iter(bad_params.values()))[0] = float("nan")
-    blk = build_block(ds.x, ds.y, s.partition, 0, 12, s.device, s.dtype)
-    w = algorithm.aggregation_weights(COHORT, s.train_counts, "uniform")
-    limbs, bad = algorithm.local_round(s.backend, blk, bad_params, s.spec, 1, COHORT, w)
+    bad_params = params.clone()
+    bad_params[0] = float("nan")
+    blk = build_block(ds.x, ds.y, s.population.partition, 0, 12, s.device, s.dtype)
+    w = algorithm.cohort_weights(COHORT, s.train_counts, "uniform")
+    limbs, bad = local_round_array(s.backend, blk, bad_params, s.spec, 1, COHORT, w)
     assert isinstance(bad, torch.Tensor) and bad.device == blk.device and int(bad) > 0
 
 

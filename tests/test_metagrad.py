@@ -19,6 +19,8 @@ from torch.func import grad, vmap
 
 from mpifedmeta import backends
 from mpifedmeta import metagrad as mg
+from mpifedmeta import reference as ref
+import engine_api as api
 from mpifedmeta.models import build_model, param_dict, unflatten
 
 F64 = torch.float64
@@ -57,7 +59,7 @@ def rel(a: dict | torch.Tensor, b: dict | torch.Tensor) -> float:
 def bmg(P, params, idx, mask, nu, alpha, method="exact", delta=1e-3, strategy=None, chunk=64, recompute=False):
     """mg.block_meta_gradients with P's model on the backend ``strategy`` (default: the model's default)."""
     backend = backends.make(P.module, strategy or backends.default_strategy(P.module), chunk)
-    return mg.block_meta_gradients(backend, params, P.X, P.Y, idx, mask, mg.MetaSpec(nu, alpha, method, delta, recompute))
+    return api.block_meta_gradients(backend, params, P.X, P.Y, idx, mask, mg.MetaSpec(nu, alpha, method, delta, recompute))
 
 
 def agent(p: dict[str, torch.Tensor], a: int) -> dict[str, torch.Tensor]:
@@ -79,8 +81,8 @@ class Problem:
         self.name, self.B, self.dtype = name, B, dtype
         self.gen = torch.Generator().manual_seed(seed)
         self.module = build_model(name, SHAPES[name], NUM_CLASSES, HIDDEN[name]).to(dtype)
-        self.loss = mg.make_loss(self.module)
-        self.logits = mg.make_logits(self.module)
+        self.loss = ref.make_loss(self.module)
+        self.logits = ref.make_logits(self.module)
         self.w0 = param_dict(self.module)
         self.params = {}
         for k, v in self.w0.items():
@@ -326,13 +328,13 @@ def test_hvp_finite_difference_perturbs_along_v(model):
     errs = []
     for _ in range(3):
         v = {k: torch.randn(t.shape, generator=P.gen, dtype=F64) for k, t in theta.items()}
-        ex = mg.hvp_exact(P.loss, theta, v, *bt)
-        fd = mg.hvp_finite_difference(P.loss, theta, v, *bt, 1e-5)
+        ex = ref.hvp_exact(P.loss, theta, v, *bt)
+        fd = ref.hvp_finite_difference(P.loss, theta, v, *bt, 1e-5)
         errs.append(rel(fd, ex))
         assert rel(ex, P.ref.hvp(theta, v, bt)) < 1e-12
         # the buggy variant (θ ± δ, every coordinate shifted by the scalar δ) is far off
         ones = {k: torch.ones_like(t) for k, t in theta.items()}
-        bad = mg.hvp_finite_difference(P.loss, theta, ones, *bt, 1e-5)
+        bad = ref.hvp_finite_difference(P.loss, theta, ones, *bt, 1e-5)
         assert rel(bad, ex) > 1e-1
     report(f"5 hvp_fd {model}", max_rel_err=max(errs))
     assert max(errs) < 1e-6
@@ -346,7 +348,7 @@ def test_unrolled_equals_recursive_with_one_slot(model, nu):
     P = Problem(model, B=5, seed=20 + nu)
     idx, mask = P.batches(1, b=10)
     rec, v_rec = bmg(P, P.params, idx, mask, nu, 0.2, "exact")
-    unr, v_unr = mg.block_meta_gradients_unrolled(P.loss, P.params, P.X, P.Y, idx, mask, nu, 0.2)
+    unr, v_unr = ref.block_meta_gradients_unrolled(P.loss, P.params, P.X, P.Y, idx, mask, nu, 0.2)
     err = max(rel(agent(unr, a), agent(rec, a)) for a in range(P.B))
     report(f"6 unrolled {model} nu={nu}", max_rel_err=err)
     assert err < 1e-10
@@ -388,7 +390,7 @@ def test_local_update_chains_tau_steps(method):
     nu, alpha, beta, tau = 2, 0.2, 0.5, 3
     idx, mask = P.batches(mg.num_slots(nu, method), lead=(tau,))
     backend = backends.make(P.module, backends.default_strategy(P.module))
-    w_lib, losses = mg.local_update(backend, P.params, P.X, P.Y, idx, mask, mg.MetaSpec(nu, alpha, method), beta)
+    w_lib, losses = api.local_update(backend, P.params, P.X, P.Y, idx, mask, mg.MetaSpec(nu, alpha, method), beta)
     assert losses.shape == (P.B, tau)
     # manual chained loop, with the independent reference meta-gradient
     errs, loss_err, gap = [], 0.0, []
@@ -453,7 +455,7 @@ def test_personalized_metrics(model, chunk):
     te_m = (torch.arange(max(nte)) < torch.tensor(nte)[:, None]).to(F64)
     w = agent(P.params, 0)
     ks, alpha = [0, 1, 3], 0.5
-    losses, accs = mg.personalized_metrics(backends.make(P.module, "stacked"), w, mg.Split(P.X, P.Y, tr_idx, tr_m),
+    losses, accs = api.personalized_metrics(backends.make(P.module, "stacked"), w, mg.Split(P.X, P.Y, tr_idx, tr_m),
                                            mg.Split(Xte, Yte, te_idx, te_m), ks, alpha, chunk=chunk)
     assert losses.shape == accs.shape == (3, len(ks))
     ref = P.ref
@@ -495,8 +497,8 @@ def test_recompute_gives_the_same_meta_gradient(method, nu):
     X, Y = torch.randn(60, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (60,))
     S = mg.num_slots(nu, method)
     idx, mask = torch.randint(0, 60, (B, S, 8)), torch.ones(B, S, 8, dtype=torch.float64)
-    stored, v1 = mg.block_meta_gradients(backend, stacked, X, Y, idx, mask, mg.MetaSpec(nu, 0.1, method))
-    again, v2 = mg.block_meta_gradients(backend, stacked, X, Y, idx, mask, mg.MetaSpec(nu, 0.1, method, recompute=True))
+    stored, v1 = api.block_meta_gradients(backend, stacked, X, Y, idx, mask, mg.MetaSpec(nu, 0.1, method))
+    again, v2 = api.block_meta_gradients(backend, stacked, X, Y, idx, mask, mg.MetaSpec(nu, 0.1, method, recompute=True))
     assert torch.equal(v1, v2)
     for k in stored:
         torch.testing.assert_close(again[k], stored[k], rtol=1e-13, atol=1e-15)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_path,
+from helpers import (local_round_array, assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_path,
                      checkpoint_rounds, cli_env, describe, final_model, mpifedmeta_cmd, read_metrics,
                      read_model, run_cli, sets, write_tiny_config, TEST_DEVICE)
 
@@ -97,7 +97,7 @@ def _block_setup(batch_size, dtype):
 
 def _block(s, ds, lo, hi):
     from mpifedmeta.block import build_block
-    return build_block(ds.x, ds.y, s.partition, lo, hi, s.device, s.dtype)
+    return build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype)
 
 
 SPLITS = [[(0, 12)], [(0, 6), (6, 12)], [(0, 4), (4, 8), (8, 12)], [(0, 1), (1, 7), (7, 12)]]
@@ -106,12 +106,12 @@ COHORT = np.array([0, 6, 7], dtype=np.int64)   # agent 0 has the most samples: p
 
 def _summed_limbs(s, ds, params, split):
     from mpifedmeta import algorithm
-    w = algorithm.aggregation_weights(COHORT, s.train_counts, "samples")
+    w = algorithm.cohort_weights(COHORT, s.train_counts, "samples")
     total = None
     for lo, hi in split:
-        limbs, bad = algorithm.local_round(s.backend, _block(s, ds, lo, hi), params, s.spec, 1, COHORT, w)
+        limbs, bad = local_round_array(s.backend, _block(s, ds, lo, hi), params, s.spec, 1, COHORT, w)
         assert bad == 0
-        total = limbs.cpu().numpy() if total is None else total + limbs.cpu().numpy()
+        total = limbs if total is None else total + limbs
     return total
 
 

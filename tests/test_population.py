@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_rounds, describe,
+from helpers import (local_round_array, assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_rounds, describe,
                      final_model, read_metrics, run_cli, sets, write_tiny_config)
 from mpifedmeta import block as blockmod
 from mpifedmeta import population, rng
@@ -212,7 +212,7 @@ def test_agents_generated_per_round_are_the_cohort_and_per_evaluation_the_evalua
     monkeypatch.setattr(S, "generate", lambda spec, ids: made.append(np.asarray(ids).copy()) or real(spec, ids))
     for r in (1, 2):
         cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, 6)
-        w = algorithm.aggregation_weights(cohort, s.train_counts, "samples")
+        w = algorithm.cohort_weights(cohort, s.train_counts, "samples")
         algorithm.local_round(s.backend, runner.cohort_block(s, cohort), params, s.spec, r, cohort, w)
         assert np.array_equal(made[-1], cohort)
     made.clear()
@@ -229,16 +229,16 @@ def test_round_does_not_depend_on_how_the_cohort_is_shared():
         s = _synthetic_setup(10**5, [f"train.batch_size={batch}", "train.weighting=\"samples\""])
         params = runner.initial_params(s)
         cohort = rng.cohort(0, 1, s.num_train, 6)
-        w = algorithm.aggregation_weights(cohort, s.train_counts, "samples")
+        w = algorithm.cohort_weights(cohort, s.train_counts, "samples")
         widths = population.widths(s.population, cohort)
         sums = []
         for P in (1, 2, 3, 6):
             total = 0
             for r in range(P):
                 blk = s.population.build(population.share(cohort, r, P), s.device, s.dtype, widths)
-                limbs, bad = algorithm.local_round(s.backend, blk, params, s.spec, 1, cohort, w)
+                limbs, bad = local_round_array(s.backend, blk, params, s.spec, 1, cohort, w)
                 assert bad == 0
-                total = total + limbs.numpy()
+                total = total + limbs
             sums.append(total)
         assert all(np.array_equal(sums[0], t) for t in sums[1:]), batch
 
@@ -249,7 +249,7 @@ def test_a_rank_with_no_share_of_the_cohort_contributes_nothing():
     params = runner.initial_params(s)
     blk = s.population.build(np.zeros(0, dtype=np.int64), s.device, s.dtype, (5, 2))
     assert blk.num_agents == 0
-    limbs, bad = algorithm.local_round(s.backend, blk, params, s.spec, 1, np.array([3, 9]), np.array([0.5, 0.5]))
+    limbs, bad = local_round_array(s.backend, blk, params, s.spec, 1, np.array([3, 9]), np.array([1, 1]))
     assert bad == 0 and not limbs.any()
 
 
@@ -276,17 +276,19 @@ def test_stationarity_of_a_generated_population_visits_every_training_agent():
     assert np.isfinite(values[0]).all() and np.allclose(values[0], values[1], rtol=1e-10)
     # independent reference: F(w) = (1/30) Σ_k f_k(w − α∇f_k(w)) over the 30 training agents' full
     # training splits, regenerated here, with plain autograd (ν = 1)
+    from mpifedmeta import reference
     spec = s.population.spec
-    w = runner.initial_params(s)
+    w = s.layout.split(runner.initial_params(s))
+    loss = reference.make_loss(s.model)
     total = 0.0
     for k in range(30):
         x, y = S.agent_samples(spec, k)
         n = (9 * len(y)) // 10
         X, Y, m = torch.tensor(x[:n]), torch.tensor(y[:n]), torch.ones(n, dtype=torch.float64)
         p = {name: v.clone().requires_grad_(True) for name, v in w.items()}
-        g = torch.autograd.grad(s.loss(p, X, Y, m), list(p.values()))
+        g = torch.autograd.grad(loss(p, X, Y, m), list(p.values()))
         theta = {name: v - s.cfg.train.alpha * gi for (name, v), gi in zip(p.items(), g)}
-        total += float(s.loss(theta, X, Y, m).detach()) / 30
+        total += float(loss(theta, X, Y, m).detach()) / 30
     assert abs(values[0][0] - total) < 1e-10 * abs(total)
 
 

@@ -11,6 +11,8 @@ import torch
 
 from mpifedmeta import backends
 from mpifedmeta import metagrad as mg
+from mpifedmeta import reference as ref
+import engine_api as api
 from mpifedmeta.models import build_model, param_dict, stacked_forward
 
 F64 = torch.float64
@@ -71,19 +73,19 @@ def per_agent(p: dict, a: int) -> dict:
 
 
 def reference_block(model, params, X, Y, idx, mask, meta: mg.MetaSpec):
-    loss = mg.make_loss(model)
-    out = [mg.agent_meta_gradient_autograd(loss, per_agent(params, a), X, Y, idx[a], mask[a], meta.nu, meta.alpha,
+    loss = ref.make_loss(model)
+    out = [ref.agent_meta_gradient_autograd(loss, per_agent(params, a), X, Y, idx[a], mask[a], meta.nu, meta.alpha,
                                            meta.method, meta.delta) for a in range(idx.shape[0])]
     return [g for g, _ in out], torch.stack([v for _, v in out])
 
 
 def reference_round(model, params, X, Y, idx, mask, meta: mg.MetaSpec, beta: float):
-    loss = mg.make_loss(model)
+    loss = ref.make_loss(model)
     finals, losses = [], []
     for a in range(idx.shape[0]):
         w, ls = per_agent(params, a), []
         for t in range(idx.shape[1]):
-            g, v = mg.agent_meta_gradient_autograd(loss, w, X, Y, idx[a, t], mask[a, t], meta.nu, meta.alpha,
+            g, v = ref.agent_meta_gradient_autograd(loss, w, X, Y, idx[a, t], mask[a, t], meta.nu, meta.alpha,
                                                    meta.method, meta.delta)
             w = {k: w[k] - beta * g[k] for k in w}
             ls.append(v)
@@ -102,7 +104,7 @@ def test_block_meta_gradients_equal_vmap_and_reference(model_name, method, nu):
     idx, mask = batches(4, (), mg.num_slots(nu, method), 8, len(X), padded=True)
     meta = mg.MetaSpec(nu, 0.1, method, 1e-2)
     ref, ref_v = reference_block(model, params, X, Y, idx, mask, meta)
-    outs = {s: mg.block_meta_gradients(backends.make(model, s, chunk=3), params, X, Y, idx, mask, meta)
+    outs = {s: api.block_meta_gradients(backends.make(model, s, chunk=3), params, X, Y, idx, mask, meta)
             for s in mg.STRATEGIES}
     for s, (g, v) in outs.items():
         assert set(g) == set(params) and all(g[k].shape == params[k].shape for k in g)
@@ -130,7 +132,7 @@ def test_local_round_equals_vmap_and_reference(model_name, method, recompute, fu
     ref_w, ref_l = reference_round(model, params, X, Y, idx, mask, meta, beta)
     results = {}
     for s in ("stacked", "vmap", "loop"):
-        w, losses = mg.local_update(backends.make(model, s), params, X, Y, idx, mask, meta, beta)
+        w, losses = api.local_update(backends.make(model, s), params, X, Y, idx, mask, meta, beta)
         assert losses.shape == (4, tau)
         moved = [{k: w[k][a] - params[k][a] for k in w} for a in range(4)]
         ref_moved = [{k: ref_w[a][k] - params[k][a] for k in w} for a in range(4)]
@@ -145,7 +147,7 @@ def test_float32_stacked_close_to_float64_reference():
     model, params, X, Y = block("mlp", dtype=torch.float32)
     idx, mask = batches(4, (), mg.num_slots(2, "exact"), 8, len(X), padded=True, dtype=torch.float32)
     meta = mg.MetaSpec(2, 0.1, "exact")
-    g, _ = mg.block_meta_gradients(backends.make(model, "stacked"), params, X, Y, idx, mask, meta)
+    g, _ = api.block_meta_gradients(backends.make(model, "stacked"), params, X, Y, idx, mask, meta)
     m64 = build_model("mlp", SHAPES["mlp"], NUM_CLASSES, HIDDEN["mlp"]).double()
     ref, _ = reference_block(m64, {k: v.double() for k, v in params.items()}, X.double(), Y, idx, mask.double(), meta)
     assert all(v.dtype == torch.float32 for v in g.values())
