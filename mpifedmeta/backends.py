@@ -28,18 +28,12 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
 from . import metagrad
 from .layout import ParamLayout
+from .losses import masked_mean_ce
 from .models import stacked_forward
-
-
-def masked_mean_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(..., b, C) logits, (..., b) labels and weights → (...) each agent's masked mean cross-entropy."""
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
-    return (ce * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
 def _leaves(theta: list[torch.Tensor]) -> list[torch.Tensor]:

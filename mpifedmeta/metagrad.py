@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .losses import cross_entropy
 
 STRATEGIES = ("stacked", "vmap", "chunked", "loop")
 CAPTURES = ("off", "compile", "cudagraphs")
@@ -237,7 +238,7 @@ def personalized_metrics(backend, w: torch.Tensor, train: Split, test: Split, ks
         if j in ks:
             with torch.no_grad():
                 out = backend.logits(theta, xt)
-                ce = F.cross_entropy(out.flatten(0, 1), yt.flatten(), reduction="none").view(yt.shape)
+                ce = cross_entropy(out, yt)
                 at[j] = ((ce * te_m).sum(1) / denom, ((out.argmax(-1) == yt).to(te_m.dtype) * te_m).sum(1) / denom)
         if j < kmax:
             torch._foreach_add_(theta, backend.grad(theta, x, y, train.mask)[0], alpha=-alpha)
