@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from . import chunks, dist, exactsum, metagrad, rng
 from .block import AgentBlock, padded_rows
@@ -86,9 +87,11 @@ def local_round(backend, block: AgentBlock, w: torch.Tensor, spec: RoundSpec, ro
     idx, mask = round_batches(block, spec, round_, ids, positions)
     loss_terms = []
     for a, b, (i,), (m,) in chunks.each(B, spec.agent_chunk, (idx,), (mask,)):
-        theta, losses = metagrad.local_update(backend, chunks.broadcast(w, i.shape[0]), block.X_train, block.Y_train,
-                                              i, m, spec.meta, spec.beta, spec.capture)
-        q, bad = exactsum.encode_displacements(theta[:b - a], w, scale[a:b].to(w.dtype))
+        with record_function("mpifedmeta.local_update"):
+            theta, losses = metagrad.local_update(backend, chunks.broadcast(w, i.shape[0]), block.X_train,
+                                                  block.Y_train, i, m, spec.meta, spec.beta, spec.capture)
+        with record_function("mpifedmeta.exact_sum"):
+            q, bad = exactsum.encode_displacements(theta[:b - a], w, scale[a:b].to(w.dtype))
         sums.displacements += q
         sums.bad += bad
         loss_terms.append(losses[:b - a].to(torch.float64).mean(dim=1) * p[a:b])
@@ -107,7 +110,8 @@ def aggregate(world: dist.World, stage: dist.HostStage, sums: BlockSums, flags: 
     """
     t0 = time.perf_counter()
     local = torch.cat([sums.displacements, sums.loss.reshape(-1), sums.bad.reshape(1)])
-    buf = stage.allreduce(world, local, np.asarray(flags, dtype=np.int64))
+    with record_function("mpifedmeta.allreduce"):
+        buf = stage.allreduce(world, local, np.asarray(flags, dtype=np.int64))
     timings = {"allreduce_time": time.perf_counter() - t0, "bytes_allreduced": buf.nbytes}
     d, n = w.numel(), 1 + len(flags)
     summed = [int(v) for v in buf[-n:]]
