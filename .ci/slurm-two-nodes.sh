@@ -24,10 +24,11 @@
 # routed or NATed beyond the bridge.
 #
 # start exits 77 (after a line "SKIPPED: ...") when it cannot run here: not root, no apt/packages, or no
-# network namespaces. Knobs: SLURM_CI_NODE_CPUS (CPUs each node declares, default 2: both nodes share
-# this machine's cores), SLURM_CI_NO_INSTALL=1 (never call apt-get).
+# network namespaces. Knobs: SLURM_CI_NODE_CPUS (CPUs each node declares, default 8: oversubscribed on
+# purpose, both nodes share this machine's cores and CI runs several small jobs side by side),
+# SLURM_CI_PORTS ("ctld,slurmd"), SLURM_CI_NO_INSTALL=1 (never call apt-get).
 #
-# Pitfalls met while writing it (see also /jobs/README.md):
+# Pitfalls met while writing it (see also jobs/README.md):
 # - slurmd is started with `nsenter --net=/run/netns/NAME`, not `ip netns exec`, which remounts /sys for
 #   the namespace: /sys/fs/cgroup disappears and slurmd fails ("Unable to initialize cgroup plugin").
 # - SlurmctldHost must name this machine's short hostname (with the bridge address in brackets), or
@@ -35,6 +36,10 @@
 # - every directory above DIR must be traversable by the munge user (mktemp -d makes 0700: chmod 755).
 # - the nodes share the machine's cores and see all of them: a rank must size its torch threads from
 #   what SLURM gave it (mpifedmeta's default is one thread per rank).
+# - UCX decides "same machine, shared memory possible" from /proc/sys/kernel/random/boot_id, identical in
+#   every namespace of one kernel: each node gets its own boot id (bind-mounted, see on_node).
+# - a name the nodes must resolve (hydra's control port "node1:PORT", mpiexec -hosts node1,node2) needs
+#   the nodes' own /etc/hosts: bind-mounted in each node's mount namespace; the machine's stays untouched.
 set -euo pipefail
 
 cmd=${1:-}
@@ -217,7 +222,7 @@ SSH
   ports=${SLURM_CI_PORTS:-$(free_ports)}
   ctld_port=${ports%,*}
   slurmd_port=${ports#*,}
-  ncpu=${SLURM_CI_NODE_CPUS:-2}
+  ncpu=${SLURM_CI_NODE_CPUS:-8}
   sock=$DIR/munge/munge.socket
   # job ids that differ from run to run: MPICH names its shared-memory segment after the PMI job name
   # (derived from the job/step id) and orphans it when a rank is killed (see .ci/slurm-cluster.sh)
