@@ -5,9 +5,9 @@
 #   M2  jobs/multi-node.sbatch -N 2 --ntasks-per-node=1, srun --mpi=pmi2; `mpifedmeta info` in the job
 #       shows node1 and node2, a node-local rank 0 on each; node2's veth byte counters during the job
 #   M3  the same with --ntasks-per-node=2 (local ranks 0 and 1 on each node)
-#   M4  -N 2 --ntasks-per-node=2 with MPIFEDMETA_LAUNCH=mpiexec (hydra inside the allocation)
+#   M4  -N 2 --ntasks-per-node=1 with MPIFEDMETA_LAUNCH=mpiexec (hydra inside the allocation)
 #   M5  no SLURM: `mpiexec -launcher ssh -launcher-exec node-ssh -hosts node1,node2` started on node1
-#   F   scancel --signal=USR1 while a 2 x 2 job trains: the tasks of both nodes checkpoint (exit 3), the
+#   F   scancel --signal=USR1 while a 2 x 1 job trains: the tasks of both nodes checkpoint (exit 3), the
 #       job requeues, resumes and ends bit-identical to an uninterrupted run
 #   E   --time=00:01:00 --signal=B:USR1@30 with more rounds than fit: several requeues, then done,
 #       bit-identical
@@ -18,8 +18,10 @@
 # Needs root (daemons, namespaces) and apt (or the packages installed); otherwise it prints
 # "SKIPPED: ..." and exits 0. Exits 1 if any check fails. Everything it started (daemons, namespaces,
 # veths, bridge, job processes) is removed on every exit (trap), and that nothing is left is checked.
-# Knobs: MULTINODE_CI_KEEP=1 keeps the temporary directory; MULTINODE_CI_TARGET_S (55): seconds of
-# training the time-limited job needs (calibrated on this machine; > 2 segments of at most ~30 s).
+# Knobs: MULTINODE_CI_KEEP=1 keeps the temporary directory; MULTINODE_CI_TARGET_S (60): seconds of
+# training the time-limited job needs at the speed measured at the start (each segment trains ~20-25 s:
+# SLURM's warning comes at its first 30-s tick after the start, the job forwards it once the step is
+# MPIFEDMETA_SIGNAL_GRACE = 30 s old, the ranks start in 5-10 s; so 60 s means at least 2 requeues).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -200,9 +202,9 @@ B0=$(veth_bytes); sleep 3; IDLE_RATE=$(( ($(veth_bytes) - B0) / 3 ))
 log "idle: node2's veth $VETH2 carries $IDLE_RATE B/s with nothing running"
 
 # --- references: the same configurations on ONE node (this machine, mpiexec -n 2, no SLURM) ------------
-ref_run() {   # ref_run NAME SETS...: mpiexec -n 2 mpifedmeta run
+ref_run() {   # ref_run NAME SETS...: mpiexec -n 2 mpifedmeta run (at ${REF_NICE:-0} niceness)
   local name=$1 t=$SECONDS rc; shift
-  timeout -k 10 900 mpiexec -n 2 mpifedmeta run "$QS" "$@" --set "output.dir=$WORK/out/$name" >"$WORK/logs/$name.log" 2>&1
+  timeout -k 10 900 nice -n "${REF_NICE:-0}" mpiexec -n 2 mpifedmeta run "$QS" "$@" --set "output.dir=$WORK/out/$name" >"$WORK/logs/$name.log" 2>&1
   rc=$?
   echo "$rc" >"$WORK/res/$name.rc"
   log "reference $name (one node, mpiexec -n 2) exit $rc after $((SECONDS - t)) s: $(tail -n 1 "$WORK/logs/$name.log")"
@@ -211,7 +213,7 @@ ref_run() {   # ref_run NAME SETS...: mpiexec -n 2 mpifedmeta run
 check "reference S (20 rounds) on one node" ref_run ref-S "${S_SETS[@]}"
 [ "$(cat "$WORK/res/ref-S.rc")" = 0 ] || { show_log "$WORK/logs/ref-S.log"; exit 1; }
 SPR=$(checkpy calib "$WORK/out/ref-S")
-TARGET=${MULTINODE_CI_TARGET_S:-55}
+TARGET=${MULTINODE_CI_TARGET_S:-60}
 E_ROUNDS=$(python -c "import math; print(min(20000, max(200, math.ceil($TARGET / max($SPR, 1e-4)))))")
 log "calibration: $(printf '%.4f' "$SPR") s/round on 2 ranks -> the time-limited job E gets $E_ROUNDS rounds (~$TARGET s of training)"
 
@@ -263,7 +265,7 @@ m5() {
 scenario_F() {
   local jid t
   (
-    SUBMIT_TIMEOUT=300 sbatch_wait F --export="$EXPORT,MPIFEDMETA_OUT=$WORK/out/F" -N 2 --ntasks-per-node=2 \
+    SUBMIT_TIMEOUT=300 sbatch_wait F --export="$EXPORT,MPIFEDMETA_OUT=$WORK/out/F" -N 2 --ntasks-per-node=1 \
       --time=00:10:00 -J mfm-scancel -o "$WORK/logs/F-%j.out" jobs/multi-node.sbatch "$QS" "${F_SETS[@]}"
   ) &
   local sb=$!
@@ -279,7 +281,7 @@ scenario_F() {
 }
 scenario_E() {
   (
-    SUBMIT_TIMEOUT=900 sbatch_wait E --export="$EXPORT,MPIFEDMETA_OUT=$WORK/out/E,MPIFEDMETA_SIGNAL_GRACE=10,MPIFEDMETA_SIGNAL_RESEND=10" \
+    SUBMIT_TIMEOUT=900 sbatch_wait E --export="$EXPORT,MPIFEDMETA_OUT=$WORK/out/E,MPIFEDMETA_SIGNAL_GRACE=30,MPIFEDMETA_SIGNAL_RESEND=10" \
       -N 2 --ntasks-per-node=1 --time=00:01:00 --signal=B:USR1@30 --requeue --open-mode=append -J mfm-timelimit \
       -o "$WORK/logs/E-%j.out" jobs/multi-node.sbatch "$QS" "${TL_SETS[@]}" --set "train.rounds=$E_ROUNDS"
   ) &
@@ -328,31 +330,35 @@ check "M5: mpifedmeta info through hydra shows 4 ranks, 2 per node" checkpy info
 check "M5: final model and metrics bit-identical to the one-node run" same "$WORK/out/ref-S" "$WORK/out/M5"
 check "M5: MPI traffic between the nodes went over the network (node2's veth)" traffic_of M5 "$WORK/out/M5"
 
-# --- then everything else side by side: the references, E, F -> K/L -> K2, and M3, M4 -----------------
-log "faults side by side: E (time limit), F (scancel) then K/L/K2 (kill -9, lock); then M3, M4; references in the background"
-( ref_run ref-F "${F_SETS[@]}"; ref_run ref-E "${TL_SETS[@]}" --set "train.rounds=$E_ROUNDS" ) &
+# --- M3: 2 ranks per node ------------------------------------------------------------------------------
+multi_job M3 2 MPIFEDMETA_INFO=1
+multi_checks M3 4 2 info
+show_log "$WORK"/logs/M3-*.out
+
+# --- then the faults: E (time limit) in the background from now on; beside it, one at a time: F (scancel),
+# K + L (kill -9, lock), K2 (kill under hydra), M4 (hydra). A few ranks at a time: MPI ranks wait for their
+# peers by polling, so oversubscribing the 2 cores slows every job down far more than the extra work. The
+# references run beside them at the lowest CPU priority (they fill the gaps, e.g. while E is requeued).
+log "faults: E (time limit) in the background; F, K/L, K2, M4 one after another; the references at nice 19"
+( REF_NICE=19; ref_run ref-F "${F_SETS[@]}"; ref_run ref-E "${TL_SETS[@]}" --set "train.rounds=$E_ROUNDS" ) &
 REF_PID=$!
 BG_PIDS+=("$REF_PID")
 ( scenario_E ) >"$WORK/logs/scenario-E.txt" 2>&1 &
 E_PID=$!; BG_PIDS+=("$E_PID")
-( scenario_FK ) >"$WORK/logs/scenario-FK.txt" 2>&1 &
-FK_PID=$!; BG_PIDS+=("$FK_PID")
-multi_job M3 2 MPIFEDMETA_INFO=1
-multi_checks M3 4 2 info
-multi_job M4 2 MPIFEDMETA_LAUNCH=mpiexec
-multi_checks M4 4 2
-show_log "$WORK"/logs/M3-*.out
+scenario_FK >"$WORK/logs/scenario-FK.txt" 2>&1
+multi_job M4 1 MPIFEDMETA_LAUNCH=mpiexec
+multi_checks M4 2 1
 
-wait "$FK_PID"; cat "$WORK/logs/scenario-FK.txt"
+cat "$WORK/logs/scenario-FK.txt"
 F_LOG=$(ls "$WORK"/logs/F-*.out 2>/dev/null | head -n 1)
 show_log "$F_LOG"
 F_JID=$(jid_of F)
 check "F: scancel --signal=USR1 was sent while the job trained" test -s "$WORK/res/F.signalled"
-check "F: node1's tasks checkpointed and exited 3" grep -Eq "srun: error: node1: tasks? [0-9-]+: Exited with exit code 3" "$F_LOG"
-check "F: node2's tasks checkpointed and exited 3" grep -Eq "srun: error: node2: tasks? [0-9-]+: Exited with exit code 3" "$F_LOG"
+check "F: node1's task checkpointed and exited 3" grep -Eq "srun: error: node1: task 0: Exited with exit code 3" "$F_LOG"
+check "F: node2's task checkpointed and exited 3" grep -Eq "srun: error: node2: task 1: Exited with exit code 3" "$F_LOG"
 check "F: requeued after the checkpoint" grep -q "checkpointed (stopped by a signal): requeue $F_JID" "$F_LOG"
 check "F: SLURM shows the restart (Restarts=$(restarts_of "$F_JID"))" test "$(restarts_of "$F_JID")" -ge 1
-check "F: the requeued job resumed from the checkpoint on 4 ranks" grep -q "resuming .* at round [1-9][0-9]* .*4 rank" "$F_LOG"
+check "F: the requeued job resumed from the checkpoint on 2 ranks" grep -q "resuming .* at round [1-9][0-9]* .*2 rank" "$F_LOG"
 check "F ends with exit 0" test "$(rc_of F)" = 0
 check "F: rounds 1..$F_ROUNDS once each" checkpy rounds "$WORK/out/F" "$F_ROUNDS"
 
