@@ -82,6 +82,7 @@ mfm_launcher() {
       # --wait: once one rank has exited, end the others after this many seconds (a rank that dies
       # inside MPI_Init would otherwise leave the rest waiting there until the time limit).
       MFM_LAUNCH=(srun "--mpi=${MPIFEDMETA_SRUN_MPI:-pmi2}" "--wait=${MPIFEDMETA_SRUN_WAIT:-60}" ${MPIFEDMETA_SRUN_ARGS:-})
+      mfm_multinode_netmod
       ;;
     mpiexec)
       # mpiexec (hydra) inside the allocation reads the node list from SLURM and starts its
@@ -91,6 +92,42 @@ mfm_launcher() {
       ;;
     *) mfm_die 2 "MPIFEDMETA_LAUNCH=$mode: use srun or mpiexec" ;;
   esac
+}
+
+# MPICH (the PyPI mpich wheel: "Device: ch4:ucx ofi") under `srun --mpi=pmi2` on SEVERAL nodes: with
+# its default UCX netmod the node roots publish the UCX addresses through Slurm's PMI in segments of
+# up to 1024 characters plus the message overhead, which Slurm's pmi2 plugin (22.05) can cut ("mpi/pmi2:
+# value not properly terminated in client request", then an abort in MPI_Init: "addr version",
+# "Destination is unreachable") -- depending on the bytes of the addresses, so a job may fail or not from
+# one run to the next (MPICH issue #6924). Its ofi netmod publishes short addresses and goes over TCP
+# (libfabric's tcp provider) just the same. So, for a multi-node srun step, unless the user chose a
+# netmod (MPIR_CVAR_CH4_NETMOD=ucx keeps UCX), pick ofi when the MPICH found on PATH has both.
+# One node never needs it (no address goes through PMI there); hydra (MPIFEDMETA_LAUNCH=mpiexec)
+# has its own PMI server, which takes such messages.
+mfm_multinode_netmod() {
+  [ "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}" -gt 1 ] 2>/dev/null || return 0
+  [ "${MPIFEDMETA_SRUN_MPI:-pmi2}" = pmi2 ] || return 0
+  [ -z "${MPIR_CVAR_CH4_NETMOD:-}" ] || return 0
+  command -v mpichversion >/dev/null 2>&1 || return 0
+  local device
+  device=$(mpichversion 2>/dev/null | sed -n 's/^MPICH Device:[[:space:]]*//p' | head -n 1)
+  case $device in
+    *ucx*ofi* | *ofi*ucx*)
+      export MPIR_CVAR_CH4_NETMOD=ofi
+      mfm_log "MPICH ($device) on ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}} nodes under srun --mpi=pmi2: MPIR_CVAR_CH4_NETMOD=ofi (UCX addresses can overflow Slurm's PMI messages; set MPIR_CVAR_CH4_NETMOD=ucx to keep UCX)" ;;
+  esac
+  return 0
+}
+
+# MPIFEDMETA_INFO=1: `mpifedmeta info` with the job's own launcher first (one line per rank: host,
+# node-local rank, device, threads), to see where the ranks landed; its failure does not stop the job.
+mfm_print_info() {
+  [ "${MPIFEDMETA_INFO:-0}" = 1 ] || return 0
+  local rc=0
+  mfm_log "info:$(printf ' %q' "${MFM_LAUNCH[@]}" mpifedmeta info)"
+  "${MFM_LAUNCH[@]}" mpifedmeta info || rc=$?
+  [ "$rc" = 0 ] || mfm_log "mpifedmeta info exited with code $rc (the run goes on)"
+  return 0
 }
 
 # --- signals ---------------------------------------------------------------------------------------
@@ -167,6 +204,7 @@ mfm_run_segment() {
   [ -n "${SLURM_JOB_ID:-}" ] || mfm_die 2 "not inside a SLURM job: submit with sbatch (or set MPIFEDMETA_DRY_RUN=1)"
   mfm_log "start: job $jobname restart $restarts on ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-1} task(s), launch ${MPIFEDMETA_LAUNCH:-srun}, $(command -v mpifedmeta)"
   mfm_log "launch:$(printf ' %q' "${cmd[@]}")"
+  mfm_print_info
 
   trap 'mfm_on_usr1' USR1
   trap 'mfm_on_term TERM' TERM

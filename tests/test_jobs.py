@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 @pytest.mark.parametrize("path", [os.path.join("jobs", s) for s in SCRIPTS + ["common.sh"]]
-                         + [".ci/slurm.sh", ".ci/slurm-cluster.sh"])
+                         + [".ci/slurm.sh", ".ci/slurm-cluster.sh", ".ci/multinode.sh", ".ci/slurm-two-nodes.sh", ".ci/run"])
 def test_bash_syntax(path):
     full = os.path.join(REPO, path)
     assert os.path.exists(full), path
@@ -46,6 +46,8 @@ def _write(path, text):
 FAKE_MPIFEDMETA = r"""#!/bin/bash
 # fake `mpifedmeta run ...`: behaviour from FAKE_MODE; records its arguments and signals
 echo "ARGS $*" >>"$FAKE_DIR/mpifedmeta.log"
+echo "NETMOD ${MPIR_CVAR_CH4_NETMOD:-unset}" >>"$FAKE_DIR/mpifedmeta.log"
+[ "$1" = info ] && exit 0
 case $FAKE_MODE in
   ok) exit 0 ;;
   fail) exit 1 ;;
@@ -76,7 +78,7 @@ def fake(tmp_path):
     _write(bindir / "scontrol", '#!/bin/bash\necho "$*" >>"$FAKE_DIR/scontrol.log"\n'
                                 '[ "$1" = requeue ] && exit "${FAKE_REQUEUE_RC:-0}"\nexit 0\n')
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "MPIFEDMETA_", "VIRTUAL_ENV"))}
+           if not k.startswith(("SLURM_", "SBATCH_", "MPIFEDMETA_", "VIRTUAL_ENV", "MPIR_CVAR_"))}
     env.update(PATH=f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}", FAKE_DIR=str(tmp_path),
                SLURM_JOB_ID="123", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=str(tmp_path),
                MPIFEDMETA_SIGNAL_GRACE="0", MPIFEDMETA_SIGNAL_RESEND="1", FAKE_MODE="stoppable")
@@ -206,3 +208,37 @@ def test_sweep_grid_and_task_mapping(fake):
            "--set train.metagrad=exact" in mf, mf
     rc, out, _, _ = _run(tmp, env, script="nu-sweep.sbatch", SLURM_ARRAY_TASK_ID="3", MPIFEDMETA_NUS="0 1 2")
     assert rc == 2 and "outside the grid of 3" in out
+
+
+def _fake_mpichversion(tmp, device):
+    _write(tmp / "bin" / "mpichversion", f'#!/bin/bash\necho "MPICH Version:      5.0.2"\necho "MPICH Device:       {device}"\n')
+
+
+@pytest.mark.parametrize("nodes, device, launch, preset, want", [
+    ("2", "ch4:ucx ofi", "srun", None, "ofi"),         # the PyPI mpich wheel across nodes: ofi
+    ("1", "ch4:ucx ofi", "srun", None, "unset"),       # one node: unchanged (no address goes through PMI)
+    ("2", "ch4:ucx ofi", "srun", "ucx", "ucx"),        # the user's choice wins
+    ("2", "ch4:ucx ofi", "mpiexec", None, "unset"),    # hydra has its own PMI server
+    ("2", "ch4:ofi", "srun", None, "unset"),           # an MPICH without UCX: nothing to avoid
+])
+def test_multinode_srun_netmod(fake, nodes, device, launch, preset, want):
+    tmp, env = fake
+    _fake_mpichversion(tmp, device)
+    extra = {"FAKE_MODE": "ok", "SLURM_JOB_NUM_NODES": nodes, "MPIFEDMETA_LAUNCH": launch}
+    if preset:
+        extra["MPIR_CVAR_CH4_NETMOD"] = preset
+    rc, out, _, mf = _run(tmp, env, script="multi-node.sbatch", **extra)
+    assert rc == 0, out
+    assert f"NETMOD {want}" in mf, (mf, out)
+    assert ("MPIR_CVAR_CH4_NETMOD=ofi" in out) == (want == "ofi" and not preset), out
+
+
+def test_info_before_the_run(fake):
+    tmp, env = fake
+    rc, out, _, mf = _run(tmp, env, script="multi-node.sbatch", FAKE_MODE="ok", MPIFEDMETA_INFO="1")
+    assert rc == 0, out
+    assert mf.index("ARGS info") < mf.index("ARGS run cfg.toml --auto-resume"), mf
+    launches = _read(tmp / "launch.log").splitlines()
+    assert len(launches) == 2 and all(l.startswith("SRUN --mpi=pmi2") for l in launches), launches
+    rc, out, _, mf = _run(tmp, env, script="multi-node.sbatch", FAKE_MODE="ok")   # without the knob: no info
+    assert rc == 0 and mf.count("ARGS info") == 1 and mf.count("ARGS run") == 2, mf
