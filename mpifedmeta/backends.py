@@ -10,8 +10,8 @@ written once on top of them:
 
 f_i is agent i's masked mean cross-entropy.
 
-- ``stacked``: the block as ONE model whose parameters carry the agent axis
-  (models.stacked_forward; the built-in models). The sum of the agents' losses is separable, so
+- ``stacked``: the block as ONE model whose parameters carry the agent axis, derived from the
+  model's structure (mpifedmeta/lift.py; any model it can lift). The sum of the agents' losses is separable, so
   one autograd.grad gives every agent's gradient and a double backward with the stacked vectors
   v_i gives every H_i v_i: a handful of batched kernels per layer, no torch.func transform.
 - ``vmap``: torch.func vmap of grad / vjp-of-grad of the per-agent functional loss; any model.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.func import grad, grad_and_value, vjp, vmap
 
 from . import metagrad
-from .models import stacked_forward
+from .lift import lift
 
 
 def masked_mean_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -194,22 +194,32 @@ class Loop:
 
 
 def has_stacked_form(model: torch.nn.Module) -> bool:
-    return stacked_forward(model) is not None
+    return lift(model).forward is not None
 
 
 def default_strategy(model: torch.nn.Module) -> str:
-    """``stacked`` wherever the model has a stacked form, else ``vmap``."""
+    """``stacked`` wherever the model's stacked form can be derived, else ``vmap``."""
     return "stacked" if has_stacked_form(model) else "vmap"
+
+
+def resolve(strategy: str, model: torch.nn.Module) -> tuple[str, str]:
+    """(the strategy that runs, how the start-up line names it) for an explicit ``train.strategy``:
+    ``stacked`` for a model without a derivable stacked form runs ``vmap`` and says why."""
+    if strategy == "stacked":
+        reason = lift(model).reason
+        if reason is not None:
+            return "vmap", f"vmap (stacked form not derivable: {reason})"
+    return strategy, strategy
 
 
 def make(model: torch.nn.Module, strategy: str, chunk: int = 64):
     """The backend ``strategy`` (one of metagrad.STRATEGIES) for ``model``."""
     if strategy == "stacked":
-        forward = stacked_forward(model)
-        if forward is None:
-            raise ValueError(f"train.strategy = 'stacked': {type(model).__name__} has no stacked form "
-                             "(use vmap, chunked or loop)")
-        return Stacked(forward)
+        lifted = lift(model)
+        if lifted.forward is None:
+            raise ValueError(f"train.strategy = 'stacked': no stacked form of {type(model).__name__} "
+                             f"({lifted.reason}); use vmap, chunked or loop")
+        return Stacked(lifted.forward)
     if strategy == "vmap":
         return Vmap(model)
     if strategy == "chunked":
