@@ -44,6 +44,19 @@ def _dense(names, grads, like):
     return {k: (g if g is not None else torch.zeros_like(p)) for k, g, p in zip(names, grads, like)}
 
 
+def _double_backward(f, names, leaves, vs):
+    """{name: H v} by differentiating ∇f against v (a parameter the loss never reads gets 0).
+
+    v is made contiguous: v is usually a gradient, which autograd may return transposed (a
+    bmm's weight gradient), and with such a v an agent's H v in a block was measured to depend on
+    the other agents' v in the last bits (so a run would depend on the number of ranks)."""
+    g = torch.autograd.grad(f, leaves, create_graph=True, allow_unused=True)
+    used = [i for i, t in enumerate(g) if t is not None]
+    hv = torch.autograd.grad([g[i] for i in used], leaves, grad_outputs=[vs[i].contiguous() for i in used],
+                             allow_unused=True)
+    return _dense(names, hv, leaves)
+
+
 class Stacked:
     """The whole block in one autograd graph (see the module docstring).
 
@@ -64,16 +77,14 @@ class Stacked:
         names, leaves = _leaves(params)
         with torch.enable_grad():
             f = masked_mean_ce(self.forward(dict(zip(names, leaves)), x), y, mask)
-            g = torch.autograd.grad(f.sum(), leaves)
-        return dict(zip(names, g)), f.detach()
+            g = torch.autograd.grad(f.sum(), leaves, allow_unused=True)    # a parameter forward never reads: 0
+        return _dense(names, g, leaves), f.detach()
 
     def hvp(self, params, v, x, y, mask):
         names, leaves = _leaves(params)
         with torch.enable_grad():
             f = masked_mean_ce(self.forward(dict(zip(names, leaves)), x), y, mask)
-            g = torch.autograd.grad(f.sum(), leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, grad_outputs=[v[k] for k in names], allow_unused=True)
-        return _dense(names, hv, leaves)
+            return _double_backward(f.sum(), names, leaves, [v[k] for k in names])
 
     def traceable(self):
         """The same block model differentiated with torch.func (grad, vjp of grad) instead of
@@ -180,15 +191,13 @@ class Loop:
 
         def one(a, names, leaves, f):
             values[a] = f.detach()
-            return dict(zip(names, torch.autograd.grad(f, leaves)))
+            return _dense(names, torch.autograd.grad(f, leaves, allow_unused=True), leaves)
 
         return self._each(params, x, y, mask, one), values
 
     def hvp(self, params, v, x, y, mask):
         def one(a, names, leaves, f):
-            g = torch.autograd.grad(f, leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, grad_outputs=[v[k][a] for k in names], allow_unused=True)
-            return _dense(names, hv, leaves)
+            return _double_backward(f, names, leaves, [v[k][a] for k in names])
 
         return self._each(params, x, y, mask, one)
 

@@ -249,6 +249,8 @@ def _assemble(steps: list[tuple], nslots: int, out: int):
     program = [(o, run, tuple(f)) for (o, run, _), f in zip(kept, free)]
 
     def forward(params: dict, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:     # one agent: bmm and conv take other kernels (other bits) than for B >= 2
+            return forward({k: torch.cat((p, p)) for k, p in params.items()}, torch.cat((x, x)))[:1]
         env = [None] * nslots
         env[0], env[1] = x.shape[0], x
         for o, run, release in program:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .liftops import (C, G, S, NotLiftable, Val, bind, binary, bmatmul, conv, dense, grouped_cat_channels,
-                      grouped_flatten, grouped_size, identity, layer_norm, shift, unary)
+                      grouped_flatten, grouped_size, group_norm, identity, layer_norm, shift, unary)
 
 
 def _get(env, s):
@@ -102,34 +102,28 @@ def pool_function(fn):
     return lifter
 
 
-def _flat(P, name):
-    return None if name is None else P[name].reshape(-1)
-
-
 def group_norm_module(ctx, node, m):
-    x = ctx.need(ctx.val(node.args[0]), G).slot
-    wn, bn, groups, eps = ctx.pname(m.weight), ctx.pname(m.bias), m.num_groups, m.eps
-    return ctx.emit(lambda env, P: F.group_norm(env[x], env[0] * groups, _flat(P, wn), _flat(P, bn), eps), (x,), G)
+    """GroupNorm, and InstanceNorm as GroupNorm with one channel per group (liftops.group_norm)."""
+    x = _activation(ctx, node.args[0])
+    wn, bn, eps = ctx.pname(m.weight), ctx.pname(m.bias), m.eps
+    groups = m.num_features if isinstance(m, nn.modules.instancenorm._InstanceNorm) else m.num_groups
+    return ctx.emit(lambda env, P: group_norm(env[x], groups, _get(P, wn), _get(P, bn), eps), (x,))
 
 
 def group_norm_function(ctx, node):
     a = bind(node, ("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
-    x = ctx.need(ctx.val(a["input"]), G).slot
+    x = _activation(ctx, a["input"])
     w, b = _param_slots(ctx, a["weight"], a["bias"])
     groups, eps = ctx.static((a["num_groups"], a["eps"]))
-
-    def run(env, P):
-        wv, bv = _get(env, w), _get(env, b)
-        return F.group_norm(env[x], env[0] * groups, None if wv is None else wv.reshape(-1),
-                            None if bv is None else bv.reshape(-1), eps)
-    return ctx.emit(run, _slots(x, w, b), G)
+    return ctx.emit(lambda env, P: group_norm(env[x], groups, _get(env, w), _get(env, b), eps), _slots(x, w, b))
 
 
-def instance_norm_module(ctx, node, m):
-    x = ctx.need(ctx.val(node.args[0]), G).slot
-    wn, bn, eps = ctx.pname(m.weight), ctx.pname(m.bias), m.eps
-    return ctx.emit(lambda env, P: F.instance_norm(env[x], None, None, _flat(P, wn), _flat(P, bn), True, 0.0, eps),
-                    (x,), G)
+def _activation(ctx, arg) -> int:
+    """The slot of an activation argument in the stacked layout."""
+    v = ctx.val(arg)
+    if not v.acts:
+        raise NotLiftable("not an activation")
+    return ctx.need(v, S).slot
 
 
 def layer_norm_module(ctx, node, m):
@@ -369,8 +363,8 @@ _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Adap
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 MODULES = {nn.Linear: linear_module, nn.Conv1d: conv_module, nn.Conv2d: conv_module, nn.LayerNorm: layer_norm_module,
-           nn.GroupNorm: group_norm_module, nn.InstanceNorm1d: instance_norm_module,
-           nn.InstanceNorm2d: instance_norm_module, nn.Flatten: flatten_module, nn.Unflatten: unflatten_module,
+           nn.GroupNorm: group_norm_module, nn.InstanceNorm1d: group_norm_module,
+           nn.InstanceNorm2d: group_norm_module, nn.Flatten: flatten_module, nn.Unflatten: unflatten_module,
            nn.Identity: identity, nn.Softmax: softmax_module, nn.LogSoftmax: softmax_module,
            **{t: elementwise_module for t in _ELEMENTWISE_MODULES}, **{t: pool_module for t in _POOL_MODULES},
            **{t: identity for t in _DROPOUT_MODULES}}     # dropout with p > 0 is refused before (lift.Refused)

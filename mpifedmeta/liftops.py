@@ -52,19 +52,57 @@ def shift(d: int) -> int:
 
 # --------------------------------------------------------------------------- kernels
 
+class _ToGrouped(torch.autograd.Function):
+    """(B, n, C, *spatial) → (n, B·C, *spatial), contiguous (channels-last for 2-D images, the
+    convolutions' format); its gradient is :class:`_ToStacked`."""
+
+    @staticmethod
+    def forward(h, B):
+        g = h.transpose(0, 1).reshape((h.shape[1], B * h.shape[2]) + h.shape[3:])
+        return g.contiguous(memory_format=torch.channels_last if g.dim() == 4 else torch.contiguous_format)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.B = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _ToStacked.apply(g, ctx.B), None
+
+
+class _ToStacked(torch.autograd.Function):
+    """(n, B·C, *spatial) → (B, n, C, *spatial), contiguous; its gradient is :class:`_ToGrouped`."""
+
+    @staticmethod
+    def forward(h, B):
+        return h.reshape((h.shape[0], B, -1) + h.shape[2:]).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.B = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _ToGrouped.apply(g, ctx.B), None
+
+
 def to_grouped(h: torch.Tensor, B: int) -> torch.Tensor:
-    """(B, n, C, *spatial) → (n, B·C, *spatial)."""
-    return h.transpose(0, 1).reshape((h.shape[1], B * h.shape[2]) + h.shape[3:])
+    """(B, n, C, *spatial) → (n, B·C, *spatial).
+
+    Both conversions give contiguous tensors, forward and backward (and double backward): a
+    transposed view's strides depend on B, and with them the kernels that a GEMM or a reduction on
+    it picks — an agent's bits would depend on how many agents its rank holds."""
+    return _ToGrouped.apply(h, B)
 
 
 def to_stacked(h: torch.Tensor, B: int) -> torch.Tensor:
-    """(n, B·C, *spatial) → (B, n, C, *spatial), a view."""
-    return h.reshape((h.shape[0], B, -1) + h.shape[2:]).transpose(0, 1)
+    """(n, B·C, *spatial) → (B, n, C, *spatial) (contiguous, see :func:`to_grouped`)."""
+    return _ToStacked.apply(h, B)
 
 
 def grouped_flatten(h: torch.Tensor, B: int) -> torch.Tensor:
     """flatten(1) of a grouped activation: (B, n, C·∏spatial), each agent's (C, *spatial) order kept."""
-    return h.reshape((h.shape[0], B, -1)).transpose(0, 1)
+    return _ToStacked.apply(h, B).flatten(2)
 
 
 def dense(w: torch.Tensor, b: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
@@ -93,6 +131,23 @@ def conv(w, b, h, stride, padding, dilation, groups) -> torch.Tensor:
         return F.conv2d(h.contiguous(memory_format=cl), w.contiguous(memory_format=cl), b, stride, padding,
                         dilation, B * groups)
     return F.conv1d(h.contiguous(), w, b, stride, padding, dilation, B * groups)
+
+
+def group_norm(h, groups: int, w, b, eps) -> torch.Tensor:
+    """Every agent's GroupNorm(groups) of stacked h (B, n, C, *spatial), affine ``w``, ``b`` (B, C) or None.
+
+    A LayerNorm over each group's elements, and the affine with B outermost: F.group_norm's CPU
+    kernel, and any per-channel reduction over (n, B·C, ...), give an agent bits that depend on how
+    many agents the call holds (B·C is one coalesced dim of the reduction), so runs would differ
+    with the number of ranks."""
+    shape = h.shape
+    y = F.layer_norm(h.reshape(shape[:2] + (groups, -1)), (h[0, 0].numel() // groups,), None, None, eps).reshape(shape)
+    if w is None and b is None:
+        return y
+    view = (shape[0], 1, shape[2]) + (1,) * (h.dim() - 3)
+    if w is not None and b is not None:
+        return torch.addcmul(b.view(view), y, w.view(view))
+    return y * w.view(view) if w is not None else y + b.view(view)
 
 
 def layer_norm(h, shape, w, b, eps) -> torch.Tensor:
@@ -136,14 +191,11 @@ def _grouped_pair(fn, a, b, B, kw):
     return to_grouped(fn(*align(to_stacked(a, B), to_stacked(b, B)), **kw), B)
 
 
-def _grouped_other(fn, h, o, B, kw, swap: bool, param: bool):
-    """fn of grouped h and a parameter or constant ``o`` (operands in the node's order)."""
-    if param and o.dim() == h.dim() and o.shape[1] * B == h.shape[1]:     # o: (B, C, *rest) → (B·C, *rest)
-        q = o.reshape((-1,) + o.shape[2:])
-        return fn(q, h, **kw) if swap else fn(h, q, **kw)
-    if not param and not (isinstance(o, torch.Tensor) and o.dim() > 0):   # a number
+def _grouped_other(fn, h, o, B, kw, swap: bool):
+    """fn of grouped h and a number or constant tensor ``o`` (operands in the node's order)."""
+    if not (isinstance(o, torch.Tensor) and o.dim() > 0):   # a number
         return fn(o, h, **kw) if swap else fn(h, o, **kw)
-    s, o = align(to_stacked(h, B), o if param else o.unsqueeze(0))
+    s, o = align(to_stacked(h, B), o.unsqueeze(0))
     return to_grouped(fn(o, s, **kw) if swap else fn(s, o, **kw), B)
 
 
@@ -197,7 +249,9 @@ def binary(fn):
 
 def elementwise2(ctx, fn, a: Val, b: Val, kw: dict) -> Val:
     """fn(a, b) for every combination of layouts: S with S, G with G (an S activation is grouped
-    first), either with a parameter or a constant."""
+    first), an activation with a parameter (in S) or a constant."""
+    if G in (a.kind, b.kind) and S in (a.kind, b.kind) and not (a.acts and b.acts):
+        a, b = ctx.need(a, S), ctx.need(b, S)      # with a parameter: in the stacked layout (B outermost)
     if G in (a.kind, b.kind):
         a = ctx.need(a, G) if a.kind == S and a.acts else a
         b = ctx.need(b, G) if b.kind == S and b.acts else b
@@ -211,10 +265,10 @@ def elementwise2(ctx, fn, a: Val, b: Val, kw: dict) -> Val:
         return ctx.emit(run, (ia, ib), kind, acts)
     swap = a.kind != kind
     m, o = (b, a) if swap else (a, b)
-    im, io, oc, param = m.slot, o.slot, o.const, o.kind == S
+    im, io, oc = m.slot, o.slot, o.const
     if kind == G:
         def run(env, P):
-            return _grouped_other(fn, env[im], oc if io is None else env[io], env[0], kw, swap, param)
+            return _grouped_other(fn, env[im], oc if io is None else env[io], env[0], kw, swap)
     elif io is None and not isinstance(oc, torch.Tensor):      # a number
         run = (lambda env, P: fn(oc, env[im], **kw)) if swap else (lambda env, P: fn(env[im], oc, **kw))
     else:                                                     # a constant tensor: the same for every agent

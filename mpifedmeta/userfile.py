@@ -85,7 +85,7 @@ def resolve(spec: str, key: str):
     where, _, name = spec.rpartition(":")
     if not where or not name.strip():
         raise UserFileError(key, spec, "expected FILE.py:FUNCTION or package.module:FUNCTION")
-    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    is_file = where.endswith(".py") or "/" in where or os.sep in where or os.path.exists(where)
     obj = module = _load_file(where, spec, key) if is_file else _load_module(where, spec, key)
     for part in name.split("."):
         if not hasattr(obj, part):
