@@ -46,9 +46,8 @@ class Registered:
     """
 
     def __init__(self, module: str, registry: str, extra: tuple[str, ...] = (),
-                 also: tuple[tuple[str, str], ...] = (), files: bool = False):
-        self.module, self.registry, self.extra, self.also = module, registry, extra, also
-        self.files = files        # also a user's function, "file.py:function" (imported here; userfile.py)
+                 also: tuple[tuple[str, str], ...] = (), files: bool = False):   # files: also "file.py:function"
+        self.module, self.registry, self.extra, self.also, self.files = module, registry, extra, also, files
 
     def names(self) -> tuple[str, ...]:
         sources = ((self.module, self.registry),) + self.also     # also: more (module, registry) pairs
@@ -56,15 +55,13 @@ class Registered:
                                   for name in getattr(importlib.import_module(module, __package__), registry))
 
     def __call__(self, value) -> str | None:
-        if self.files and ":" in value:
+        if self.files and ":" in value:          # imports the user's file (on every rank), calls nothing
             userfile = importlib.import_module(".userfile", __package__)
             try:
-                userfile.resolve(value, "")
+                return userfile.resolve(value, "") and None
             except userfile.UserFileError as e:
                 return e.problem
-            return None
-        names = self.names()
-        also = " or FILE.py:FUNCTION" if self.files else ""
+        names, also = self.names(), " or FILE.py:FUNCTION" if self.files else ""
         return None if value in names else f"must be one of {', '.join(names)}{also}"
 
 

@@ -18,7 +18,7 @@ from helpers import (REPO, assert_models_identical, assert_ok, assert_one_error_
                      sets, write_tiny_config)
 from mpifedmeta import backends, config, userfile
 from mpifedmeta import metagrad as mg
-from mpifedmeta.data import DataError, Dataset, load_dataset
+from mpifedmeta.data import DataError, load_dataset
 from mpifedmeta.models import build_model, param_dict
 
 EXAMPLE = os.path.join(REPO, "configs", "user-model.toml")
