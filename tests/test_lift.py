@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import legacy_stacked
+from helpers import REPO
 from mpifedmeta import backends, lift as liftmod
 from mpifedmeta import metagrad as mg
 from mpifedmeta.lift import Refused, lift
@@ -421,6 +422,61 @@ def test_meta_gradient_of_a_residual_model_equals_the_per_agent_reference():
         ref, _ = mg.agent_meta_gradient_autograd(loss, {k: p[a] for k, p in params.items()}, X, Y, idx[a], mask[a],
                                                  2, 0.1, "exact", 1e-3)
         assert max(_rel(g[k][a], ref[k]) for k in params) <= TOL
+
+
+# --------------------------------------------------------------------------- the block size does not matter
+
+def _example_model():
+    return build_model(f"{REPO}/examples/tanh_resnet.py:build", (1, 8, 8), CLASSES, (16,))
+
+
+BLOCK_SIZE_CASES = {
+    "linear": (lambda: build_model("linear", (1, 8, 8), CLASSES, None), (1, 8, 8)),
+    "mlp": (lambda: build_model("mlp", (1, 8, 8), CLASSES, (16, 8)), (1, 8, 8)),
+    "cnn": (lambda: build_model("cnn", (1, 8, 8), CLASSES, (12,)), (1, 8, 8)),
+    "example": (_example_model, (1, 8, 8)),
+    "residual-conv": (lambda: net(ConvResidual(), (2, 6, 6)), (2, 6, 6)),
+    "residual-dense": (DenseResidual, (6,)),
+    "conv-groupnorm-gelu": (lambda: net(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU()),
+                                        (2, 6, 6)), (2, 6, 6)),
+    "conv1d-pool-layernorm": (lambda: net(nn.Sequential(nn.Conv1d(2, 4, 3), nn.AvgPool1d(2), nn.Flatten(),
+                                                        nn.LayerNorm(12), nn.Tanh()), (2, 9)), (2, 9)),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOCK_SIZE_CASES))
+def test_an_agents_bits_do_not_depend_on_the_block_size(case):
+    """float32: agent a's gradient, HVP and logits are the same bits in a block of 1, 2, 3, 4, 5 or 8
+    agents (at positions 0 and 1, beside different agents): what makes runs bit-identical for any
+    number of ranks. Measured exceptions on CPU, for every backend and before lift.py too: a
+    per-agent tensor whose size is not a multiple of 16 floats — MKL's GEMM rounds differently at
+    another alignment (the agent's offset in the block; MKL_CBWR removes it), and the last agent
+    of a block meets the scalar tail of vectorized elementwise kernels (ELU's expm1, GELU's erf)."""
+    make, shape = BLOCK_SIZE_CASES[case]
+    model = make().float().requires_grad_(False)
+    stacked = backends.make(model, "stacked")
+    base = param_dict(model)
+    gen = torch.Generator().manual_seed(3)
+    mine = ({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+            {k: torch.randn(v.shape, generator=gen) for k, v in base.items()},
+            torch.randn((16,) + shape, generator=gen), torch.randint(0, CLASSES, (16,), generator=gen))
+
+    def agent(B: int, pos: int) -> list[torch.Tensor]:
+        params = {k: v.unsqueeze(0) + 0.1 * torch.randn((B,) + v.shape) for k, v in base.items()}
+        v = {k: torch.randn_like(p) for k, p in params.items()}
+        x, y, mask = torch.randn((B, 16) + shape), torch.randint(0, CLASSES, (B, 16)), torch.ones(B, 16)
+        for k in params:
+            params[k][pos], v[k][pos] = mine[0][k], mine[1][k]
+        x[pos], y[pos] = mine[2], mine[3]
+        g, f = stacked.grad(params, x, y, mask)
+        transposed = {k: t.transpose(-1, -2).contiguous().transpose(-1, -2) for k, t in v.items()}  # like a gradient
+        h = stacked.hvp(params, transposed, x, y, mask)
+        return [g[k][pos] for k in g] + [h[k][pos] for k in h] + [f[pos], stacked.logits(params, x)[pos]]
+
+    ref = agent(1, 0)
+    for B, pos in ((2, 0), (3, 1), (4, 0), (5, 1), (8, 1)):
+        got = agent(B, pos)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)), (case, B, pos)
 
 
 # --------------------------------------------------------------------------- refusals and reasons
