@@ -52,14 +52,26 @@ def shift(d: int) -> int:
 
 # --------------------------------------------------------------------------- kernels
 
+def _grouped(h: torch.Tensor, B: int) -> torch.Tensor:
+    """(B, n, C, *spatial) → (n, B·C, *spatial) in one copy, channels-last for 2-D images (the
+    convolutions' format)."""
+    if h.dim() == 5:
+        n, C, H, W = h.shape[1:]
+        return h.permute(1, 3, 4, 0, 2).reshape(n, H, W, B * C).permute(0, 3, 1, 2)
+    return h.transpose(0, 1).reshape((h.shape[1], B * h.shape[2]) + h.shape[3:]).contiguous()
+
+
+def _stacked(h: torch.Tensor, B: int) -> torch.Tensor:
+    """(n, B·C, *spatial) → (B, n, C, *spatial), contiguous, in one copy."""
+    return h.reshape((h.shape[0], B, -1) + h.shape[2:]).transpose(0, 1).contiguous()
+
+
 class _ToGrouped(torch.autograd.Function):
-    """(B, n, C, *spatial) → (n, B·C, *spatial), contiguous (channels-last for 2-D images, the
-    convolutions' format); its gradient is :class:`_ToStacked`."""
+    """:func:`_grouped` whose gradient is :class:`_ToStacked` (and so on, for double backward)."""
 
     @staticmethod
     def forward(h, B):
-        g = h.transpose(0, 1).reshape((h.shape[1], B * h.shape[2]) + h.shape[3:])
-        return g.contiguous(memory_format=torch.channels_last if g.dim() == 4 else torch.contiguous_format)
+        return _grouped(h, B)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -67,15 +79,15 @@ class _ToGrouped(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _ToStacked.apply(g, ctx.B), None
+        return to_stacked(g, ctx.B), None
 
 
 class _ToStacked(torch.autograd.Function):
-    """(n, B·C, *spatial) → (B, n, C, *spatial), contiguous; its gradient is :class:`_ToGrouped`."""
+    """:func:`_stacked` whose gradient is :class:`_ToGrouped`."""
 
     @staticmethod
     def forward(h, B):
-        return h.reshape((h.shape[0], B, -1) + h.shape[2:]).transpose(0, 1).contiguous()
+        return _stacked(h, B)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -83,7 +95,7 @@ class _ToStacked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _ToGrouped.apply(g, ctx.B), None
+        return to_grouped(g, ctx.B), None
 
 
 def to_grouped(h: torch.Tensor, B: int) -> torch.Tensor:
@@ -91,18 +103,19 @@ def to_grouped(h: torch.Tensor, B: int) -> torch.Tensor:
 
     Both conversions give contiguous tensors, forward and backward (and double backward): a
     transposed view's strides depend on B, and with them the kernels that a GEMM or a reduction on
-    it picks — an agent's bits would depend on how many agents its rank holds."""
-    return _ToGrouped.apply(h, B)
+    it picks — an agent's bits would depend on how many agents its rank holds. (Autograd's own
+    gradient of a transpose is such a view, hence the autograd functions where a graph is built.)"""
+    return _ToGrouped.apply(h, B) if h.requires_grad and torch.is_grad_enabled() else _grouped(h, B)
 
 
 def to_stacked(h: torch.Tensor, B: int) -> torch.Tensor:
     """(n, B·C, *spatial) → (B, n, C, *spatial) (contiguous, see :func:`to_grouped`)."""
-    return _ToStacked.apply(h, B)
+    return _ToStacked.apply(h, B) if h.requires_grad and torch.is_grad_enabled() else _stacked(h, B)
 
 
 def grouped_flatten(h: torch.Tensor, B: int) -> torch.Tensor:
     """flatten(1) of a grouped activation: (B, n, C·∏spatial), each agent's (C, *spatial) order kept."""
-    return _ToStacked.apply(h, B).flatten(2)
+    return to_stacked(h, B).flatten(2)
 
 
 def dense(w: torch.Tensor, b: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
