@@ -549,6 +549,20 @@ def test_reasons_of_models_that_run_on_vmap(reason):
     assert not backends.has_stacked_form(model) and backends.default_strategy(model) == "vmap"
 
 
+def test_strategy_resolution_for_a_model_that_cannot_be_lifted():
+    """The bug of issue 19: train.strategy = "stacked" (the default) for such a model runs vmap and
+    says why, also when resumed (strategy.choose, the one place the setting is resolved)."""
+    from mpifedmeta import strategy
+    model = NOT_LIFTABLE["torch.sort at node 'sort'"]()
+    reason = "vmap (stacked form not derivable: torch.sort at node 'sort')"
+    assert strategy.choose("stacked", model, None, {}, None, 4, 2, 0, None, None) == ("vmap", reason)
+    assert strategy.choose("auto", model, None, {}, None, 4, 2, 0, "stacked", None) == \
+        ("vmap", reason + " (recorded in the checkpoint)")
+    assert strategy.choose("loop", model, None, {}, None, 4, 2, 0, None, None) == ("loop", "loop")
+    built_in = build_model("mlp", (6,), 3, (4,))
+    assert strategy.choose("stacked", built_in, None, {}, None, 4, 2, 0, None, None) == ("stacked", "stacked")
+
+
 def test_lift_is_cached_per_model_and_does_not_keep_it_alive():
     model = _model(lambda s, x: s.fc(x + s.shift), fc=nn.Linear(6, 3))
     model.register_buffer("shift", torch.ones(6))           # a root buffer: read through a weak reference
