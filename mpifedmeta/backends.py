@@ -12,8 +12,8 @@ y (B, b), mask (B, b), and supplies three functions; the ν-step recursion
 f_i is agent i's masked mean cross-entropy. The returned tensors are fresh: the caller may
 update them in place. Every backend has ``layout`` (layout.ParamLayout).
 
-- ``stacked``: the block as ONE model whose parameters carry the agent axis
-  (models.stacked_forward). The sum of the agents' losses is separable, so one autograd.grad
+- ``stacked``: the block as ONE model whose parameters carry the agent axis, derived from the
+  model's structure (lift.py: any model it can lift). The sum of the agents' losses is separable, so one autograd.grad
   gives every agent's gradient and a double backward with the stacked vectors v_i gives every
   H_i v_i: a handful of batched kernels per layer, no torch.func transform.
 - ``vmap``: torch.func vmap of grad / vjp-of-grad of the per-agent functional loss; any model.
@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 from . import metagrad
 from .layout import ParamLayout
 from .losses import masked_mean_ce
-from .models import stacked_forward
+from .lift import lift
 
 
 def _leaves(theta: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -41,7 +41,21 @@ def _leaves(theta: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _or_zeros(grads, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A parameter the loss never reads gets a zero gradient."""
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+
+
+def _double_backward(f, leaves, v) -> list[torch.Tensor]:
+    """H v by differentiating ∇f against v.
+
+    v is made contiguous: v is usually a gradient, which autograd may return transposed (a bmm's
+    weight gradient), and with such a v an agent's H v in a block was measured to depend on the
+    other agents' v in the last bits (so a run would depend on the number of ranks)."""
+    g = torch.autograd.grad(f, leaves, create_graph=True, allow_unused=True)
+    used = [i for i, t in enumerate(g) if t is not None]
+    hv = torch.autograd.grad([g[i] for i in used], leaves, grad_outputs=[v[i].contiguous() for i in used],
+                             allow_unused=True)
+    return _or_zeros(hv, leaves)
 
 
 class Stacked:
@@ -67,15 +81,13 @@ class Stacked:
         leaves = _leaves(theta)
         with torch.enable_grad():
             f = self._losses(leaves, x, y, mask)
-            g = torch.autograd.grad(f.sum(), leaves)
-        return list(g), f.detach()
+            g = torch.autograd.grad(f.sum(), leaves, allow_unused=True)
+        return _or_zeros(g, leaves), f.detach()
 
     def hvp(self, theta, v, x, y, mask):
         leaves = _leaves(theta)
         with torch.enable_grad():
-            g = torch.autograd.grad(self._losses(leaves, x, y, mask).sum(), leaves, create_graph=True)
-            hv = torch.autograd.grad(g, leaves, grad_outputs=v, allow_unused=True)
-        return _or_zeros(hv, theta)
+            return _double_backward(self._losses(leaves, x, y, mask).sum(), leaves, v)
 
     def traceable(self):
         """The same block model differentiated with torch.func (grad, vjp of grad) instead of
@@ -201,41 +213,50 @@ class Loop:
 
         def one(a, f):
             values[a] = f.detach()
-            return torch.autograd.grad(f, self.params)
+            return _or_zeros(torch.autograd.grad(f, self.params, allow_unused=True), self.params)
 
         return self._each(theta, x, y, mask, one), values
 
     def hvp(self, theta, v, x, y, mask):
         def one(a, f):
-            g = torch.autograd.grad(f, self.params, create_graph=True)
-            hv = torch.autograd.grad(g, self.params, grad_outputs=[t[a] for t in v], allow_unused=True)
-            return _or_zeros(hv, self.params)
+            return _double_backward(f, self.params, [t[a] for t in v])
 
         return self._each(theta, x, y, mask, one)
 
 
 def has_stacked_form(model: torch.nn.Module) -> bool:
-    return stacked_forward(model) is not None
+    return lift(model).forward is not None
 
 
 def default_strategy(model: torch.nn.Module) -> str:
-    """``stacked`` wherever the model has a stacked form, else ``vmap``."""
+    """``stacked`` wherever the model's stacked form can be derived, else ``vmap``."""
     return "stacked" if has_stacked_form(model) else "vmap"
 
 
+def resolve(strategy: str, model: torch.nn.Module) -> tuple[str, str]:
+    """(the strategy that runs, how the start-up line names it) for an explicit ``train.strategy``:
+    ``stacked`` for a model without a derivable stacked form runs ``vmap`` and says why."""
+    if strategy == "stacked":
+        reason = lift(model).reason
+        if reason is not None:
+            return "vmap", f"vmap (stacked form not derivable: {reason})"
+    return strategy, strategy
+
+
+BACKENDS = {"stacked": Stacked, "vmap": Vmap, "chunked": Chunked, "loop": Loop}
+
+
 def make(model: torch.nn.Module, strategy: str, chunk: int = 64):
-    """The backend ``strategy`` (one of metagrad.STRATEGIES) for ``model``."""
+    """The backend ``strategy`` (a name of :data:`BACKENDS`) for ``model``."""
     layout = ParamLayout.of(dict(model.named_parameters()))
     if strategy == "stacked":
-        forward = stacked_forward(model)
-        if forward is None:
-            raise ValueError(f"train.strategy = 'stacked': {type(model).__name__} has no stacked form "
-                             "(use vmap, chunked or loop)")
-        return Stacked(forward, layout)
-    if strategy == "vmap":
-        return Vmap(model, layout)
+        lifted = lift(model)
+        if lifted.forward is None:
+            raise ValueError(f"train.strategy = 'stacked': no stacked form of {type(model).__name__} "
+                             f"({lifted.reason}); use vmap, chunked or loop")
+        return Stacked(lifted.forward, layout)
     if strategy == "chunked":
         return Chunked(model, layout, chunk)
-    if strategy == "loop":
-        return Loop(model, layout)
-    raise ValueError(f"strategy must be one of {metagrad.STRATEGIES}, got {strategy!r}")
+    if strategy in BACKENDS:
+        return BACKENDS[strategy](model, layout)
+    raise ValueError(f"strategy must be one of {', '.join(BACKENDS)}, got {strategy!r}")

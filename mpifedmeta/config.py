@@ -46,8 +46,8 @@ class Registered:
     """
 
     def __init__(self, module: str, registry: str, extra: tuple[str, ...] = (),
-                 also: tuple[tuple[str, str], ...] = ()):
-        self.module, self.registry, self.extra, self.also = module, registry, extra, also
+                 also: tuple[tuple[str, str], ...] = (), files: bool = False):   # files: also "file.py:function"
+        self.module, self.registry, self.extra, self.also, self.files = module, registry, extra, also, files
 
     def names(self) -> tuple[str, ...]:
         sources = ((self.module, self.registry),) + self.also     # also: more (module, registry) pairs
@@ -55,8 +55,14 @@ class Registered:
                                   for name in getattr(importlib.import_module(module, __package__), registry))
 
     def __call__(self, value) -> str | None:
-        names = self.names()
-        return None if value in names else f"must be one of {', '.join(names)}"
+        if self.files and ":" in value:          # imports the user's file (on every rank), calls nothing
+            userfile = importlib.import_module(".userfile", __package__)
+            try:
+                return userfile.resolve(value, "") and None
+            except userfile.UserFileError as e:
+                return e.problem
+        names, also = self.names(), " or FILE.py:FUNCTION" if self.files else ""
+        return None if value in names else f"must be one of {', '.join(names)}{also}"
 
 
 def _one_of(choices):
@@ -112,8 +118,8 @@ _RUN_ONLY = {"resumable": True, "experiment": False}
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "dataset": Key("digits", (str,), Registered(".data", "LOADERS", also=((".population", "GENERATED"),)),
-                       "{choices} (synthetic: FedProx Synthetic(alpha, beta), generated per agent)"),
+        "dataset": Key("digits", (str,), Registered(".data", "LOADERS", also=((".population", "GENERATED"),), files=True),
+                       "{choices} (synthetic: FedProx Synthetic(alpha, beta), generated per agent), or your loader: FILE.py:FUNCTION | package.module:FUNCTION"),
         "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
         "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
         "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
@@ -129,7 +135,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "synthetic_max_samples": Key(1000, (int,), _positive, "synthetic: cap on an agent's samples min(int(lognormal(4, 2)) + 50, cap)"),
     },
     "model": {
-        "name": Key("mlp", (str,), Registered(".models", "MODELS"), "{choices}"),
+        "name": Key("mlp", (str,), Registered(".models", "MODELS", files=True), "{choices}, or your builder: FILE.py:FUNCTION | package.module:FUNCTION"),
         "hidden": Key([80, 60], (list,), _hidden, "hidden widths (mlp), fully connected widths (cnn)"),
     },
     "train": {
@@ -263,8 +269,8 @@ def _section(sec: str, keys: dict[str, Key], given) -> dict:
 def _check_data(out: dict) -> None:
     """Cross-key rules of the data (files, agent counts, generated populations)."""
     d, t = out["data"], out["train"]
-    if d["partition"] == "natural" and d["dataset"] != "npz":
-        raise ConfigError("data.partition = 'natural' needs data.dataset = 'npz' with an 'agent' array")
+    if d["partition"] == "natural" and d["dataset"] != "npz" and ":" not in d["dataset"]:
+        raise ConfigError("data.partition = 'natural' needs data.dataset = 'npz' (or your loader) with an 'agent' array")
     if d["dataset"] == "npz" and not d["path"]:
         raise ConfigError("data.dataset = 'npz' needs data.path (the .npz file)")
     if d["dataset"] == "npz" and not os.path.exists(d["path"]):

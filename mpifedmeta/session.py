@@ -21,7 +21,8 @@ from .config import Config, ConfigError
 from .console import say
 from .data import DataError
 from .layout import ParamLayout
-from .models import build_model, param_dict
+from .lift import Refused, lift
+from .models import build_model, build_shapes, param_dict
 
 class BadInput(RuntimeError):
     """Bad configuration, files or flags: one line, exit code 2 on every rank."""
@@ -109,8 +110,7 @@ def setup(cfg: Config, world: dist.World) -> Setup:
         dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
         pop = population.make_population(cfg.data, cfg.train.seed, cfg.train.dtype)
         N = pop.num_agents
-        with torch.device("meta"):       # shapes only: an absurd size is refused before it is allocated
-            shapes = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden)
+        shapes = build_shapes(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden)
         budget.check_run(cfg, world.size, pop.input_shape, sum(p.numel() for p in shapes.parameters()),
                          torch.finfo(dtype).bits // 8, device, world.local_size)
         H = cfg.data.holdout_agents
@@ -124,9 +124,11 @@ def setup(cfg: Config, world: dist.World) -> Setup:
             block = pop.resident_block(lo, hi, device, dtype)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden).to(dtype)
-        strategy = cfg.train.strategy
-        if strategy == "auto" or (strategy == "stacked" and not backends.has_stacked_form(model)):
-            strategy = backends.default_strategy(model)   # "stacked" means vmap for a model without a stacked form
+        try:
+            lift(model)                  # BatchNorm, dropout p > 0: refused whatever the strategy
+        except Refused as e:
+            raise ConfigError(f"model.name = {cfg.model.name!r}: {e}") from None
+        strategy, _ = backends.resolve("stacked" if cfg.train.strategy == "auto" else cfg.train.strategy, model)
         backend = backends.make(model, strategy, cfg.train.chunk)   # "auto" is resolved by choose_strategy
         return device, dtype, pop, N, H, block, model, backend, strategy
 

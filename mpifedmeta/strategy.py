@@ -1,9 +1,10 @@
 """Which backend computes a block's meta-gradients (``train.strategy``), chosen by measurement for "auto".
 
-An explicit setting is used as is; a resumed run keeps the strategy recorded in its checkpoint
+An explicit setting is used as is (``stacked`` for a model without a derivable stacked form runs
+``vmap``: backends.resolve); a resumed run keeps the strategy recorded in its checkpoint
 (so it continues bit for bit); ``auto`` times one meta-step of each candidate backend on the real
 model, device, block size and ν, drops those whose peak memory exceeds the budget, and keeps the
-fastest (the default backend — ``stacked`` where the model has a stacked form, else ``vmap`` —
+fastest (the default backend — ``stacked`` where the model's stacked form can be derived, else ``vmap`` —
 unless another one is faster by more than the timing-noise margin).
 """
 
@@ -111,9 +112,10 @@ def choose(setting: str, model: torch.nn.Module, block, params: torch.Tensor, sp
     the candidate whose slowest rank is fastest).
     """
     if setting != "auto":
-        return setting, setting
+        return backends.resolve(setting, model)
     if recorded:
-        return recorded, f"{recorded} (recorded in the checkpoint)"
+        name, desc = backends.resolve(recorded, model)
+        return name, f"{desc} (recorded in the checkpoint)"
     cands = [c for c in CANDIDATES if c != "stacked" or backends.has_stacked_form(model)]
     B = max(1, min(agents, block.num_agents))
     ids = torch.arange(block.lo, block.lo + B, device=block.device)

@@ -49,3 +49,7 @@ def personalized_metrics(backend, w: dict, train, test, ks, alpha, chunk=0):
            for _, _, (ti, si), (tm, sm) in chunks.each(train.idx.shape[0], chunk, (train.idx, test.idx),
                                                         (train.mask, test.mask), fixed=False)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def logits(backend, params: dict, x):
+    return backend.logits(as_list(backend, params), x)

@@ -24,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mpifedmeta import backends, chunks, metagrad
 from mpifedmeta.models import build_model, param_dict
 
-GRAD_MLP, HVP_MLP = 10, 29        # ops per dense layer and gradient / HVP
-GRAD_CNN, HVP_CNN = 17, 38        # ops per layer of the conv net (grouped conv, channels-last, pools)
+GRAD_MLP, HVP_MLP = 11, 31        # ops per dense layer and gradient / HVP
+GRAD_CNN, HVP_CNN = 17, 42        # ops per layer of the conv net (grouped conv, channels-last, pools)
 
 
 class OpCounter(TorchDispatchMode):

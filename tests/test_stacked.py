@@ -13,7 +13,8 @@ from mpifedmeta import backends
 from mpifedmeta import metagrad as mg
 from mpifedmeta import reference as ref
 import engine_api as api
-from mpifedmeta.models import build_model, param_dict, stacked_forward
+from mpifedmeta.lift import lift
+from mpifedmeta.models import build_model, param_dict
 
 F64 = torch.float64
 SHAPES = {"linear": (6,), "mlp": (1, 4, 4), "cnn": (1, 6, 6)}
@@ -157,7 +158,7 @@ def test_float32_stacked_close_to_float64_reference():
 def test_stacked_forward_keeps_the_global_names_and_logits():
     for name in ("linear", "mlp", "cnn"):
         model, params, X, _ = block(name)
-        fwd = stacked_forward(model)
+        fwd = lift(model).forward
         assert fwd is not None and backends.default_strategy(model) == "stacked"
         x = X[:20].reshape((4, 5) + X.shape[1:])
         out = fwd(params, x)
@@ -166,8 +167,21 @@ def test_stacked_forward_keeps_the_global_names_and_logits():
             torch.testing.assert_close(out[a], single, rtol=1e-13, atol=1e-13)
 
 
+class _Sorted(torch.nn.Module):
+    """A model whose stacked form cannot be derived (torch.sort has no lifter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.sort(x.flatten(1), dim=1).values)
+
+
 def test_model_without_stacked_form_uses_vmap_and_stacked_is_refused():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3), torch.nn.Tanh())
-    assert stacked_forward(model) is None and backends.default_strategy(model) == "vmap"
-    with pytest.raises(ValueError, match="no stacked form"):
+    model = _Sorted()
+    assert lift(model).forward is None and backends.default_strategy(model) == "vmap"
+    assert backends.resolve("stacked", model) == ("vmap", "vmap (stacked form not derivable: torch.sort at node 'sort')")
+    assert backends.resolve("loop", model) == ("loop", "loop")
+    with pytest.raises(ValueError, match="no stacked form of _Sorted .torch.sort at node 'sort'.; use vmap"):
         backends.make(model, "stacked")

@@ -260,59 +260,60 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _npz_features(path: str, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _npz_features(where: str, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Checked features (``where`` starts every message: "npz: FILE", or the user's loader)."""
     if x.ndim < 2:
-        raise DataError(f"npz: {path} key 'x' must have shape (n, ...) with at least 2 dims, got {x.shape} (use x.reshape(-1, 1))")
+        raise DataError(f"{where} key 'x' must have shape (n, ...) with at least 2 dims, got {x.shape} (use x.reshape(-1, 1))")
     if x.dtype.kind not in "biuf":
-        raise DataError(f"npz: {path} key 'x' must be numeric, got dtype {x.dtype}")
+        raise DataError(f"{where} key 'x' must be numeric, got dtype {x.dtype}")
     if x.shape[0] == 0:
-        raise DataError(f"npz: {path} key 'x' has no samples")
+        raise DataError(f"{where} key 'x' has no samples")
     x = np.ascontiguousarray(x, dtype=_npz_feature_dtype(x, dtype))
     if not np.all(np.isfinite(x)):
-        raise DataError(f"npz: {path} key 'x' contains NaN or inf (or values too large for {x.dtype})")
+        raise DataError(f"{where} key 'x' contains NaN or inf (or values too large for {x.dtype})")
     return x
 
 
-def _npz_labels(path: str, y: np.ndarray, n: int) -> np.ndarray:
+def _npz_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:
     if y.ndim != 1 or y.shape[0] != n:
-        raise DataError(f"npz: {path} key 'y' must have shape ({n},) to match 'x', got {y.shape}")
+        raise DataError(f"{where} key 'y' must have shape ({n},) to match 'x', got {y.shape}")
     if y.dtype.kind not in "iu":
-        raise DataError(f"npz: {path} key 'y' must have an integer dtype, got {y.dtype}")
+        raise DataError(f"{where} key 'y' must have an integer dtype, got {y.dtype}")
     if y.min() < 0:
-        raise DataError(f"npz: {path} key 'y' contains negative label {int(y.min())}")
+        raise DataError(f"{where} key 'y' contains negative label {int(y.min())}")
     if int(y.max()) >= n:     # classes = largest label + 1; more classes than samples is an error, not a model to build
-        raise DataError(f"npz: {path} key 'y' has label {int(y.max())}: {int(y.max()) + 1} classes for {n} samples "
+        raise DataError(f"{where} key 'y' has label {int(y.max())}: {int(y.max()) + 1} classes for {n} samples "
                         "(labels must be 0..C-1)")
     return y.astype(np.int64)
 
 
-def _npz_agents(path: str, agent: np.ndarray | None, test: np.ndarray | None, n: int):
+def _npz_agents(where: str, agent: np.ndarray | None, test: np.ndarray | None, n: int):
     """The optional natural agent ids (int64) and held-out marks (bool)."""
     if agent is not None:
         if agent.ndim != 1 or agent.shape[0] != n:
-            raise DataError(f"npz: {path} key 'agent' must have shape ({n},) to match 'x', got {agent.shape}")
+            raise DataError(f"{where} key 'agent' must have shape ({n},) to match 'x', got {agent.shape}")
         if agent.dtype.kind not in "iu":
-            raise DataError(f"npz: {path} key 'agent' must have an integer dtype, got {agent.dtype}")
+            raise DataError(f"{where} key 'agent' must have an integer dtype, got {agent.dtype}")
         if agent.dtype == np.uint64 and agent.max() > np.iinfo(np.int64).max:
-            raise DataError(f"npz: {path} key 'agent' contains ids too large for int64")
+            raise DataError(f"{where} key 'agent' contains ids too large for int64")
         agent = agent.astype(np.int64)
     if test is not None:
         if agent is None:
-            raise DataError(f"npz: {path} key 'test' is only allowed together with key 'agent'")
+            raise DataError(f"{where} key 'test' is only allowed together with key 'agent'")
         if test.ndim != 1 or test.shape[0] != n:
-            raise DataError(f"npz: {path} key 'test' must have shape ({n},) to match 'x', got {test.shape}")
+            raise DataError(f"{where} key 'test' must have shape ({n},) to match 'x', got {test.shape}")
         zero_one = test.dtype.kind in "iu" and np.all((test == 0) | (test == 1))
         if test.dtype.kind != "b" and not zero_one:
-            raise DataError(f"npz: {path} key 'test' must be boolean (or 0/1 integers), got dtype {test.dtype}")
+            raise DataError(f"{where} key 'test' must be boolean (or 0/1 integers), got dtype {test.dtype}")
         test = test.astype(bool)
     return agent, test
 
 
 def _load_npz(path: str, dtype: np.dtype) -> Dataset:
-    a = _read_npz(path)
-    x = _npz_features(path, a["x"], dtype)
-    y = _npz_labels(path, a["y"], x.shape[0])
-    agent, test = _npz_agents(path, a["agent"], a["test"], x.shape[0])
+    a, where = _read_npz(path), f"npz: {path}"
+    x = _npz_features(where, a["x"], dtype)
+    y = _npz_labels(where, a["y"], x.shape[0])
+    agent, test = _npz_agents(where, a["agent"], a["test"], x.shape[0])
     return Dataset(x=x, y=y, num_classes=int(y.max()) + 1, name="npz", agent=agent, test=test)
 
 
@@ -332,11 +333,15 @@ LOADERS: dict[str, Loader] = {
 
 
 def load_dataset(name: str, path: str = "", dtype: str | np.dtype = np.float32) -> Dataset:
-    """Load dataset ``name`` (a key of LOADERS); ``path`` overrides/gives its location.
+    """Load dataset ``name`` (a key of LOADERS, or a user's loader "file.py:load", data/user.py);
+    ``path`` overrides/gives its location.
 
     ``dtype`` is the run's floating precision: features are returned in at most that precision
     (see the module docstring), so a float32 run never holds a float64 copy of the data.
     """
+    if ":" in name:
+        from .user import load_user
+        return load_user(name, os.fspath(path) if path else "", np.dtype(dtype))
     loader = LOADERS.get(name)
     if loader is None:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(LOADERS)}")
