@@ -3,7 +3,7 @@
 One agent at a time in a Python loop, with a regular ``nn.Module`` whose parameters are loaded
 with each agent's weights, and ``torch.autograd.grad``: plain backward for the inner and outer
 gradients, double backward (``create_graph=True`` then a vector-Jacobian product) for the
-Hessian-vector products. Same math as ``mpifedmeta.metagrad.agent_meta_gradient``:
+Hessian-vector products. Same math as ``mpifedmeta.core.metagrad.agent_meta_gradient``:
 
     θ^0 = w,   θ^l = θ^{l-1} − α ∇f(θ^{l-1}; D_l)            l = 1..ν
     g = ∇f(θ^ν; D')

@@ -24,7 +24,8 @@ RESULTS = os.path.join(HERE, "results")
 if REPO not in sys.path:          # run from a checkout without installing the package
     sys.path.insert(0, REPO)
 
-from mpifedmeta import devices, metagrad, reference  # noqa: E402
+from mpifedmeta.core import metagrad, reference  # noqa: E402
+from mpifedmeta.parallel import devices
 from mpifedmeta.models import build_model, param_dict  # noqa: E402
 
 # Every script measures under the allocator setting `mpifedmeta run` uses (the baselines in the same process too).
@@ -200,7 +201,7 @@ def engine_strategies() -> tuple[str, ...]:
 
 
 def _backend(p: "Problem", strategy: str, chunk: int):
-    from mpifedmeta import backends
+    from mpifedmeta.engine import backends
     if strategy not in engine_strategies():
         raise Unavailable(f"this engine has no strategy {strategy!r} (it has {', '.join(engine_strategies())})")
     try:
@@ -246,11 +247,11 @@ def engine_auto(p: "Problem", device, chunk: int = 16, alpha: float = 0.01, delt
     import inspect
     import time as _time
     try:
-        from mpifedmeta import strategy as strat
+        from mpifedmeta.engine import strategy as strat
     except ImportError:
-        return {"strategy": None, "error": "mpifedmeta.strategy not available"}
+        return {"strategy": None, "error": "mpifedmeta.engine.strategy not available"}
     if not hasattr(strat, "measure"):
-        return {"strategy": None, "error": "mpifedmeta.strategy.measure not available"}
+        return {"strategy": None, "error": "mpifedmeta.engine.strategy.measure not available"}
     cands = list(getattr(strat, "CANDIDATES", engine_strategies()))
     usable = []
     for c in cands:
@@ -269,7 +270,7 @@ def engine_auto(p: "Problem", device, chunk: int = 16, alpha: float = 0.01, delt
     t0 = _time.perf_counter()
     kw = {"candidates": usable} if "candidates" in inspect.signature(strat.measure).parameters else {}
     choice = strat.measure(step, device, chunk, p.B, **kw)
-    return {"strategy": choice.strategy, "chunk": choice.chunk, "via": "mpifedmeta.strategy.measure",
+    return {"strategy": choice.strategy, "chunk": choice.chunk, "via": "mpifedmeta.engine.strategy.measure",
             "candidates": usable, "seconds": dict(choice.seconds), "selection_s": _time.perf_counter() - t0}
 
 

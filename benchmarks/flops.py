@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import common  # noqa: E402
 from baseline import LoopBaseline  # noqa: E402
-from mpifedmeta import metagrad  # noqa: E402
+from mpifedmeta.core import metagrad  # noqa: E402
 from throughput import interleaved  # noqa: E402
 
 ALPHA, DELTA = 0.01, 1e-3
@@ -41,7 +41,7 @@ PEAK_TARGET = 0.50          # issue 11: exact ν=3 meta-step, MLP 784-80-60-10, 
 
 
 def default_strategy() -> str:
-    from mpifedmeta import config
+    from mpifedmeta.run import config
     return config.SCHEMA["train"]["strategy"].default
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What-if for the engine: how the exact meta-gradient's Hessian-vector products are formed.
 
-This what-if led the engine (mpifedmeta.metagrad.hvp_exact) to switch from forward-over-reverse
+This what-if led the engine (mpifedmeta.core.metagrad.hvp_exact) to switch from forward-over-reverse
 (``jvp`` of ``grad``) to the reverse-over-reverse HVPs (``vjp`` of ``grad``) it uses now.
 results/hvp_variants.json holds the measurement made BEFORE the switch, when the engine's column
 was still forward-over-reverse; run today, the engine's column is reverse-over-reverse like vmap_rr.
@@ -36,7 +36,7 @@ from torch.func import grad, grad_and_value, vjp, vmap  # noqa: E402
 
 import common  # noqa: E402
 from baseline import LoopBaseline  # noqa: E402
-from mpifedmeta import metagrad  # noqa: E402
+from mpifedmeta.core import metagrad  # noqa: E402
 from throughput import interleaved  # noqa: E402
 
 ALPHA = 0.01

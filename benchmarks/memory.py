@@ -81,7 +81,7 @@ def child(args) -> dict:
     import torch
     import common
     from baseline import LoopBaseline
-    from mpifedmeta import metagrad
+    from mpifedmeta.core import metagrad
 
     if int(args.threads) > 0:
         torch.set_num_threads(int(args.threads))

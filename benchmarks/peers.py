@@ -347,7 +347,7 @@ def startup_line_time(run: dict) -> float | None:
 
 
 def run_mpifedmeta(a, nu: int, method: str, ranks: int, threads: int, workdir: str, tag: str) -> dict:
-    from mpifedmeta import io
+    from mpifedmeta.storage import io
     out = os.path.join(workdir, f"{tag}_nu{nu}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = os.path.join(workdir, f"{tag}_nu{nu}.toml")
@@ -419,7 +419,7 @@ def pfl_missing() -> str | None:
 
 def startup_benchmark(a, workdir: str) -> dict:
     """`mpifedmeta run configs/quickstart.toml --set train.rounds=1`: launch -> round 1, median of runs."""
-    from mpifedmeta import io
+    from mpifedmeta.storage import io
     runs = []
     for i in range(a.startup_runs):
         out = os.path.join(workdir, f"quickstart_{i}")

@@ -56,7 +56,8 @@ def overrides(kind: str, N: int, K: int, rounds: int, eval_agents: int) -> list[
 def worker(args) -> None:
     t_py = time.perf_counter() - T_START
     t0 = time.perf_counter()
-    from mpifedmeta import config, dist, runner
+    from mpifedmeta.parallel import dist
+    from mpifedmeta.run import config, runner
     t_import = time.perf_counter() - t0
     world = dist.init_world()
     cfg = config.load(None, json.loads(args.worker))

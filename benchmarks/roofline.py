@@ -63,7 +63,8 @@ WORKS = {
 def make_run(overrides: list[str]):
     """(step(w, r) -> new w, w0, (B, d), meta-steps per round, the backend's layout) of a 1-rank run."""
     from mpi4py import MPI
-    from mpifedmeta import config, dist, runner
+    from mpifedmeta.parallel import dist
+    from mpifedmeta.run import config, runner
     cfg = config.load(None, overrides + ['output.dir="/nonexistent/roofline"', "train.threads=1"])
     s = runner.setup(cfg, dist.World(MPI.COMM_SELF, 0, 1, 0, 1))
     w = runner.initial_params(s)

@@ -136,7 +136,7 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
     if proc.returncode != 0:
         row["error"] = " | ".join(text.strip().splitlines()[-4:])
         return row
-    from mpifedmeta import io
+    from mpifedmeta.storage import io
     run = io.read_run(out)
     rt, ar, nb = run.train["round_time"], run.train["allreduce_time"], run.train["bytes_allreduced"]
     # per-rank compute time of the round (engines that log it): slowest and fastest rank
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         return 0
 
     import common
-    from mpifedmeta import config as engine_config
+    from mpifedmeta.run import config as engine_config
     known = ("auto",) + common.engine_strategies()
     if args.strategy is not None and args.strategy not in known:
         ap.error(f"--strategy {args.strategy!r}: this engine has {', '.join(known)}")

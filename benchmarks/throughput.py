@@ -4,7 +4,7 @@
 Compares the engine's backends (``train.strategy``; the list is taken from the engine, so a backend
 this checkout lacks is skipped: ``stacked``: models with a leading agent axis, one autograd graph for
 the whole block; ``vmap``: one batched torch.func pass over the block; ``chunked``: vmap over chunks;
-``loop``: the engine's per-agent autograd loop; ``auto``: what ``mpifedmeta.strategy`` picks by
+``loop``: the engine's per-agent autograd loop; ``auto``: what ``mpifedmeta.engine.strategy`` picks by
 timing the candidates) against a BASELINE written here
 (benchmarks/baseline.py) the way other FL simulators compute: a Python loop over agents on one
 regular nn.Module with torch.autograd.grad (double backward for the Hessian-vector products).
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from baseline import LoopBaseline  # noqa: E402
-from mpifedmeta import metagrad  # noqa: E402
+from mpifedmeta.core import metagrad  # noqa: E402
 
 ALPHA, BETA, DELTA = 0.01, 0.001, 1e-3
 E2E = {"model": "mlp", "nu": 3, "method": "exact", "B": 32, "tau": 5}
@@ -65,7 +65,7 @@ def full_grid(models, nus, methods, blocks) -> list[tuple]:
 # --------------------------------------------------------------------------- auto strategy
 def auto_available() -> str | None:
     try:
-        from mpifedmeta import strategy as strat
+        from mpifedmeta.engine import strategy as strat
     except ImportError:                       # pragma: no cover - older engine
         return None
     return "measure" if hasattr(strat, "measure") else None
@@ -78,7 +78,7 @@ def resolve_auto(p: common.Problem, device, chunk: int) -> dict:
 
 def default_strategy() -> str:
     """The engine's default ``train.strategy`` (what a run uses when the config does not say)."""
-    from mpifedmeta import config
+    from mpifedmeta.run import config
     return config.SCHEMA["train"]["strategy"].default
 
 
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
           f"{info['cpu_count']} CPUs, {info['torch_threads']} torch threads ({threads['reason']})")
     print(f"engine backends: {', '.join(common.engine_strategies())} (default {default_strategy()}); timed: "
           f"{', '.join(args.strategies)}; auto strategy: "
-          f"{'mpifedmeta.strategy.' + auto_available() if auto_available() else 'not available'}")
+          f"{'mpifedmeta.engine.strategy.' + auto_available() if auto_available() else 'not available'}")
     t_start = time.perf_counter()
 
     models = sorted({g[0] for g in grid} | ({"mlp"} if not args.agreement_only else set())) if not args.quick else ["mlp"]

@@ -1,3 +1,3 @@
-from .cli import entry
+from mpifedmeta.cli import entry
 
 entry()

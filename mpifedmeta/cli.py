@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from mpifedmeta import __version__
 
 EXIT_CODES_HELP = ("exit codes: 0 done, 1 unexpected error, 2 bad input, "
                    "3 stopped by a signal after a checkpoint (resume it), 4 diverged (NaN/Inf), "
@@ -56,8 +56,8 @@ def _on_every_rank(world, build):
 
     Returns (value, None) or (None, message) so that the error is printed once and every rank exits 2.
     """
-    from . import runner
-    from .config import ConfigError
+    from mpifedmeta.run import runner
+    from mpifedmeta.run.config import ConfigError
 
     try:
         return runner.agreed(world, build, errors=(ConfigError,)), None
@@ -77,24 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         # The outcome is decided: Python's finalization restores the default handlers, so a second
         # stop signal arriving now would turn exit 3 into death by signal (143/130): ignore it.
-        from . import signals
+        from mpifedmeta.run import signals
         signals.ignore()
     return code
 
 
 def _main(argv: list[str] | None) -> int:
-    from . import signals
+    from mpifedmeta.run import signals
     signals.install()                    # before torch/MPI load: a stop signal during start-up is kept, not fatal
     args = _parser().parse_args(argv)
     if args.command == "config":
-        from .config import describe
+        from mpifedmeta.run.config import describe
         print(describe())
         return 0
     if args.command == "report":
         return _report(args)
 
-    from . import dist, io, runner
-    from .config import load
+    from mpifedmeta.parallel import dist
+    from mpifedmeta.run import runner
+    from mpifedmeta.storage import io
+    from mpifedmeta.run.config import load
 
     try:
         world = dist.init_world()
@@ -103,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
     signals.install()                    # again right after MPI init: the mpich wheel installs its own USR1 handler there
     dist.install_abort_handler(world)
     if args.command == "info":
-        from .info import print_info
+        from mpifedmeta.parallel.info import print_info
         return print_info(world)
     try:
         if args.command == "run":
@@ -127,8 +129,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _sweep(args, world) -> int:
-    from . import runner, sweep
-    from .config import ConfigError, load
+    from mpifedmeta.run import runner, sweep
+    from mpifedmeta.run.config import ConfigError, load
 
     def resolve():
         todo = sweep.plan(args.out, args.grid)
@@ -167,7 +169,7 @@ def json_str(text: str) -> str:
 
 
 def _report(args) -> int:
-    from .report import ReportError, make_report
+    from mpifedmeta.report import ReportError, make_report
     dest = args.dest or (os.path.join(args.outs[0], "report") if len(args.outs) == 1 else "report")
     try:
         paths = make_report(args.outs, dest, args.labels)

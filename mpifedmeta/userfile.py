@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from .config import ConfigError
+from mpifedmeta.run.config import ConfigError
 
 
 class UserFileError(ConfigError):

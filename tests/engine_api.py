@@ -5,7 +5,7 @@ wrappers convert at the boundary so that a test can compare dicts with the refer
 
 from __future__ import annotations
 
-from mpifedmeta import metagrad
+from mpifedmeta.core import metagrad
 
 
 def as_list(backend, params: dict) -> list:
@@ -42,7 +42,7 @@ def local_update(backend, params: dict, X, Y, idx, mask, meta, beta, capture="of
 def personalized_metrics(backend, w: dict, train, test, ks, alpha, chunk=0):
     """metagrad.personalized_metrics over chunks of ``chunk`` agents (0 = all at once)."""
     import torch
-    from mpifedmeta import chunks
+    from mpifedmeta.engine import chunks
     wf = flat(backend, w, 0)
     out = [metagrad.personalized_metrics(backend, wf, metagrad.Split(train.X, train.Y, ti, tm),
                                          metagrad.Split(test.X, test.Y, si, sm), ks, alpha)

@@ -216,6 +216,6 @@ def local_round_array(backend, block, w, spec, round_, cohort, weights):
     """algorithm.local_round as (one int64 array: the displacement sums then the meta-loss limbs,
     the 0-dim bad flag tensor), so that the sums of several blocks can be added and compared."""
     import numpy as np
-    from mpifedmeta import algorithm
+    from mpifedmeta.federation import algorithm
     sums = algorithm.local_round(backend, block, w, spec, round_, cohort, weights)
     return np.concatenate([sums.displacements.cpu().numpy(), sums.loss.reshape(-1).cpu().numpy()]), sums.bad

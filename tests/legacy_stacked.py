@@ -1,5 +1,5 @@
-"""The stacked forward of the built-in models as it was before mpifedmeta/lift.py derived it from
-the model's structure (mpifedmeta/models.py at commit aebcc2a, verbatim: ``_dense``, ``_conv``,
+"""The stacked forward of the built-in models as it was before mpifedmeta/models/lift.py derived it from
+the model's structure (mpifedmeta/models/__init__.py at commit aebcc2a, verbatim: ``_dense``, ``_conv``,
 ``_layers``, ``stacked_forward``). tests/test_lift.py checks that the derived forward gives the
 same bits (logits, gradients, Hessian-vector products), so results stay what they were."""
 

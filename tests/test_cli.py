@@ -16,7 +16,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from helpers import (assert_ok, assert_one_error_line, checkpoint_path, checkpoint_rounds, copy_run, describe,
                      file_hashes, run_cli, sets, write_tiny_config)
-from mpifedmeta import config as cfgmod
+from mpifedmeta.run import config as cfgmod
 
 ROUNDS, EVERY, KS = 5, 2, [0, 1, 2]
 N, H, K_PER_ROUND = 12, 2, 5

@@ -1,4 +1,4 @@
-"""mpifedmeta.config: defaults, validation (one line naming the key), --set parsing, JSON round trip."""
+"""mpifedmeta.run.config: defaults, validation (one line naming the key), --set parsing, JSON round trip."""
 
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from mpifedmeta import config
-from mpifedmeta.config import SCHEMA, ConfigError, apply_overrides, from_json, load, parse_value, validate
+from mpifedmeta.run import config
+from mpifedmeta.run.config import SCHEMA, ConfigError, apply_overrides, from_json, load, parse_value, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=5"]
@@ -318,7 +318,8 @@ def test_with_values_validates():
 # --------------------------------------------------------------------------- registries and key flags
 
 def test_names_come_from_the_registries(monkeypatch):
-    from mpifedmeta import metagrad, models
+    from mpifedmeta import models
+    from mpifedmeta.core import metagrad
     from mpifedmeta.data import loaders, partition
     for registry, key in ((loaders.LOADERS, "data.dataset"), (partition.SCHEMES, "data.partition"),
                           (models.MODELS, "model.name"), (metagrad.METHODS, "train.metagrad")):

@@ -18,7 +18,9 @@ import torch
 
 from helpers import (assert_models_identical, arrays_identical, cli_env, describe, final_model, read_metrics,
                      sets, write_tiny_config)
-from mpifedmeta import backends, devices, metagrad, reference
+from mpifedmeta.core import metagrad, reference
+from mpifedmeta.engine import backends
+from mpifedmeta.parallel import devices
 from mpifedmeta.models import build_model, param_dict
 
 pytestmark = pytest.mark.cuda

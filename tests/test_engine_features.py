@@ -10,8 +10,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpifedmeta import config, io, metagrad, reference, runner, sweep
-from mpifedmeta.dist import World
+from mpifedmeta.core import metagrad, reference
+from mpifedmeta.run import config, runner, sweep
+from mpifedmeta.storage import io
+from mpifedmeta.parallel.dist import World
 from mpifedmeta.report import experiment_groups, load_run, make_report
 
 TINY = ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=4", "train.local_steps=2",
@@ -127,7 +129,7 @@ def test_compile_option_matches_eager_or_falls_back():
     torch.manual_seed(0)
     from mpifedmeta.models import build_model, param_dict
     model = build_model("linear", (6,), 3).double()
-    from mpifedmeta import backends
+    from mpifedmeta.engine import backends
     backend = backends.make(model, "stacked")
     p = param_dict(model)
     B = 3
@@ -147,7 +149,7 @@ def test_compile_option_matches_eager_or_falls_back():
 
 
 def test_strategy_pick_prefers_vmap_within_the_noise_margin():
-    from mpifedmeta.strategy import pick
+    from mpifedmeta.engine.strategy import pick
     assert pick({"vmap": 1.0, "loop": 0.95, "chunked": 0.97}) == "vmap"
     assert pick({"vmap": 1.0, "loop": 0.5}) == "loop"
     assert pick({"loop": 2.0, "chunked": 1.0}) == "chunked"

@@ -1,4 +1,4 @@
-"""Exact order-independent summation (mpifedmeta.exactsum) and counter-based randomness (mpifedmeta.rng)."""
+"""Exact order-independent summation (mpifedmeta.core.exactsum) and counter-based randomness (mpifedmeta.core.rng)."""
 
 import math
 from fractions import Fraction
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpifedmeta import exactsum, rng
+from mpifedmeta.core import exactsum, rng
 
 GRID = Fraction(1, 2 ** 72)
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from mpifedmeta import config, runner
+from mpifedmeta.run import config, runner
 from mpifedmeta.data import load_dataset
-from mpifedmeta.dist import World
+from mpifedmeta.parallel.dist import World
 
 ALPHA, BETA = 0.3, 0.5
 

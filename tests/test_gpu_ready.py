@@ -10,8 +10,11 @@ import torch
 from mpi4py import MPI
 
 from helpers import local_round_array, REPO, TEST_DEVICE
-from mpifedmeta import algorithm, chunks, config, devices, dist, runner
-from mpifedmeta.block import build_block
+from mpifedmeta.engine import chunks
+from mpifedmeta.federation import algorithm
+from mpifedmeta.parallel import devices, dist
+from mpifedmeta.run import config, runner
+from mpifedmeta.federation.block import build_block
 from mpifedmeta.data import load_dataset
 
 
@@ -290,7 +293,7 @@ def test_gpu_check_script_parses_and_checks_its_arguments():
 
 
 def test_compile_fallback_notice_is_one_line_on_rank_0_only(monkeypatch, capsys):
-    from mpifedmeta import capture
+    from mpifedmeta.engine import capture
     monkeypatch.setattr(capture, "_failed", {})
     monkeypatch.setattr(capture, "ANNOUNCE", False)            # what setup() sets on ranks other than 0
     capture._notice(("a",), "torch.compile failed (x)")

@@ -1,4 +1,4 @@
-"""The stacked form derived from a model's structure (mpifedmeta/lift.py) for every supported
+"""The stacked form derived from a model's structure (mpifedmeta/models/lift.py) for every supported
 layer and op and for residual blocks: float64 logits, gradients and Hessian-vector products of the
 derived ``stacked`` backend against the ``vmap`` backend and an independent per-agent reference
 (plain torch.autograd on a copy of the nn.Module holding one agent's weights), ≤ 1e-12 relative;
@@ -19,12 +19,13 @@ from torch import nn
 
 import legacy_stacked
 from helpers import REPO
-from mpifedmeta import backends, lift as liftmod
-from mpifedmeta import metagrad as mg
-from mpifedmeta import reference
-from mpifedmeta.layout import ParamLayout
+from mpifedmeta.engine import backends
+from mpifedmeta.models import lift as liftmod
+from mpifedmeta.core import metagrad as mg
+from mpifedmeta.core import reference
+from mpifedmeta.core.layout import ParamLayout
 import engine_api as api
-from mpifedmeta.lift import Refused, lift
+from mpifedmeta.models.lift import Refused, lift
 from mpifedmeta.models import build_model, param_dict
 
 F64 = torch.float64
@@ -555,7 +556,7 @@ def test_reasons_of_models_that_run_on_vmap(reason):
 def test_strategy_resolution_for_a_model_that_cannot_be_lifted():
     """The bug of issue 19: train.strategy = "stacked" (the default) for such a model runs vmap and
     says why, also when resumed (strategy.choose, the one place the setting is resolved)."""
-    from mpifedmeta import strategy
+    from mpifedmeta.engine import strategy
     model = NOT_LIFTABLE["torch.sort at node 'sort'"]()
     reason = "vmap (stacked form not derivable: torch.sort at node 'sort')"
     assert strategy.choose("stacked", model, None, {}, None, 4, 2, 0, None, None) == ("vmap", reason)

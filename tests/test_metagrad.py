@@ -1,4 +1,4 @@
-"""Correctness tests for the math core (``mpifedmeta.metagrad``).
+"""Correctness tests for the math core (``mpifedmeta.core.metagrad``).
 
 Everything is checked against an *independent* reference written here: a plain ``nn.Module``
 (built with ``build_model``, parameters copied in from the dict) differentiated with
@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from mpifedmeta import backends
-from mpifedmeta import metagrad as mg
-from mpifedmeta import reference as ref
+from mpifedmeta.engine import backends
+from mpifedmeta.core import metagrad as mg
+from mpifedmeta.core import reference as ref
 import engine_api as api
 from mpifedmeta.models import build_model, param_dict, unflatten
 

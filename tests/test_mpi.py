@@ -81,7 +81,7 @@ def _block_setup(batch_size, dtype):
     key = (batch_size, dtype)
     if key not in _BLOCK_SETUPS:
         from mpi4py import MPI
-        from mpifedmeta import config, runner
+        from mpifedmeta.run import config, runner
         from mpifedmeta.data import load_dataset
         cfg = config.load(None, ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=3",
                                  "train.local_steps=2", "train.nu=2", "train.alpha=0.05", "train.beta=0.05",
@@ -96,7 +96,7 @@ def _block_setup(batch_size, dtype):
 
 
 def _block(s, ds, lo, hi):
-    from mpifedmeta.block import build_block
+    from mpifedmeta.federation.block import build_block
     return build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype)
 
 
@@ -105,7 +105,7 @@ COHORT = np.array([0, 6, 7], dtype=np.int64)   # agent 0 has the most samples: p
 
 
 def _summed_limbs(s, ds, params, split):
-    from mpifedmeta import algorithm
+    from mpifedmeta.federation import algorithm
     w = algorithm.cohort_weights(COHORT, s.train_counts, "samples")
     total = None
     for lo, hi in split:
@@ -116,7 +116,7 @@ def _summed_limbs(s, ds, params, split):
 
 
 def _eval_rows(s, ds, params, split):
-    from mpifedmeta import algorithm
+    from mpifedmeta.federation import algorithm
     ids = np.array([0, 3, 6, 10, 11], dtype=np.int64)
     return np.concatenate([algorithm.evaluate_block(s.backend, _block(s, ds, lo, hi), params, ids,
                                                     [0, 1, 2], 0.05, 256) for lo, hi in split])
@@ -225,7 +225,7 @@ def _comm():
 
 def _world(comm=None):
     from mpi4py import MPI
-    from mpifedmeta.dist import World
+    from mpifedmeta.parallel.dist import World
     comm = comm or MPI.COMM_WORLD
     return World(comm, comm.Get_rank(), comm.Get_size(), local_rank=comm.Get_rank(), local_size=comm.Get_size())
 
@@ -240,7 +240,7 @@ def _agree(comm, ok: bool, message: str = "") -> None:
 @pytest.mark.mpi
 @pytest.mark.parametrize("N", [0, 1, 2, 3, 5, 7, 12, 13, 100])
 def test_block_range_covers_every_agent_once(N):
-    from mpifedmeta import dist
+    from mpifedmeta.parallel import dist
     comm = _comm()
     size, rank = comm.Get_size(), comm.Get_rank()
     ranges = comm.allgather(dist.block_range(N, size, rank))
@@ -261,7 +261,7 @@ def test_block_range_covers_every_agent_once(N):
 @pytest.mark.mpi
 @pytest.mark.parametrize("dtype, row_shape", [(np.float64, (3,)), (np.int64, ()), (np.float32, (2, 2))])
 def test_gather_rows_concatenates_in_rank_order(dtype, row_shape):
-    from mpifedmeta import dist
+    from mpifedmeta.parallel import dist
     comm = _comm()
     world = _world(comm)
     rank, size = world.rank, world.size
@@ -285,7 +285,7 @@ def test_gather_rows_concatenates_in_rank_order(dtype, row_shape):
 
 @pytest.mark.mpi
 def test_gather_rows_all_empty():
-    from mpifedmeta import dist
+    from mpifedmeta.parallel import dist
     comm = _comm()
     world = _world(comm)
     got = dist.gather_rows(world, np.zeros((0, 5)))
@@ -295,7 +295,8 @@ def test_gather_rows_all_empty():
 @pytest.mark.mpi
 @pytest.mark.parametrize("seed", [0, 1])
 def test_allreduce_of_exactsum_limbs_equals_serial_sum(seed):
-    from mpifedmeta import dist, exactsum
+    from mpifedmeta.core import exactsum
+    from mpifedmeta.parallel import dist
     comm = _comm()
     world = _world(comm)
     g = np.random.default_rng(seed)                               # same terms on every rank
@@ -316,7 +317,7 @@ def test_allreduce_of_exactsum_limbs_equals_serial_sum(seed):
 
 @pytest.mark.mpi
 def test_allreduce_flags_are_summed():
-    from mpifedmeta import dist
+    from mpifedmeta.parallel import dist
     comm = _comm()
     world = _world(comm)
     buf = np.array([world.rank, 1, 0], dtype=np.int64)
@@ -327,7 +328,7 @@ def test_allreduce_flags_are_summed():
 
 @pytest.mark.mpi
 def test_first_error_agrees_on_every_rank():
-    from mpifedmeta import dist
+    from mpifedmeta.parallel import dist
     comm = _comm()
     world = _world(comm)
     assert dist.first_error(world, None) is None
@@ -345,7 +346,7 @@ def _shared_tmpdir(comm) -> str:
 
 
 def _tiny_cfg(out_dir, *extra):
-    from mpifedmeta import config
+    from mpifedmeta.run import config
     return config.load(None, ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=5",
                               "train.local_steps=2", "train.nu=2", "train.alpha=0.05", "train.beta=0.05",
                               "train.batch_size=8", "train.rounds=3", "eval.every=2", "eval.finetune_steps=[0, 1]",
@@ -363,7 +364,7 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
     """A run on COMM_WORLD (all ranks) is bit-identical to a run on COMM_SELF by rank 0 alone; with
     agents_per_round=1, every round has ranks that own no sampled agent."""
     from mpi4py import MPI
-    from mpifedmeta import runner
+    from mpifedmeta.run import runner
     comm = _comm()
     world = _world(comm)
     base = _shared_tmpdir(comm)
@@ -402,7 +403,7 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
 @pytest.mark.mpi
 def test_inprocess_resume_on_world_equals_uninterrupted():
     """3 rounds, then resume to 5 rounds on COMM_WORLD == 5 rounds straight (same ranks)."""
-    from mpifedmeta import runner
+    from mpifedmeta.run import runner
     comm = _comm()
     world = _world(comm)
     base = _shared_tmpdir(comm)

@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mpifedmeta import backends, chunks, metagrad
+from mpifedmeta.core import metagrad
+from mpifedmeta.engine import backends, chunks
 from mpifedmeta.models import build_model, param_dict
 
 GRAD_MLP, HVP_MLP = 11, 31        # ops per dense layer and gradient / HVP

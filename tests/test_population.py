@@ -15,8 +15,9 @@ import torch
 
 from helpers import (local_round_array, assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_rounds, describe,
                      final_model, read_metrics, run_cli, sets, write_tiny_config)
-from mpifedmeta import block as blockmod
-from mpifedmeta import population, rng
+from mpifedmeta.federation import block as blockmod
+from mpifedmeta.core import rng
+from mpifedmeta.federation import population
 from mpifedmeta.data import load_dataset
 from mpifedmeta.data import synthetic as S
 from mpifedmeta.data import virtual as V
@@ -177,12 +178,12 @@ def test_cohort_sampling_is_o_k_in_memory_and_deterministic():
 
 def _world():
     from mpi4py import MPI
-    from mpifedmeta.dist import World
+    from mpifedmeta.parallel.dist import World
     return World(MPI.COMM_SELF, 0, 1, local_rank=0, local_size=1)
 
 
 def _synthetic_setup(N, overrides=()):
-    from mpifedmeta import config, runner
+    from mpifedmeta.run import config, runner
     cfg = config.load(None, ["data.dataset=\"synthetic\"", f"data.num_agents={N}", "data.holdout_agents=10",
                              "data.synthetic_max_samples=80", "eval.agents=20", "eval.holdout_agents=5",
                              "train.agents_per_round=6", "model.name=\"linear\"", "train.local_steps=2",
@@ -204,7 +205,8 @@ def test_setup_memory_does_not_grow_with_the_population():
 
 
 def test_agents_generated_per_round_are_the_cohort_and_per_evaluation_the_evaluated(monkeypatch):
-    from mpifedmeta import algorithm, runner
+    from mpifedmeta.federation import algorithm
+    from mpifedmeta.run import runner
     s = _synthetic_setup(10**6)
     params = runner.initial_params(s)
     made = []
@@ -224,7 +226,8 @@ def test_agents_generated_per_round_are_the_cohort_and_per_evaluation_the_evalua
 
 def test_round_does_not_depend_on_how_the_cohort_is_shared():
     """The mechanism behind rank independence: any split of a cohort into built blocks gives the same limbs."""
-    from mpifedmeta import algorithm, runner
+    from mpifedmeta.federation import algorithm
+    from mpifedmeta.run import runner
     for batch in ("8", "\"full\""):
         s = _synthetic_setup(10**5, [f"train.batch_size={batch}", "train.weighting=\"samples\""])
         params = runner.initial_params(s)
@@ -244,7 +247,8 @@ def test_round_does_not_depend_on_how_the_cohort_is_shared():
 
 
 def test_a_rank_with_no_share_of_the_cohort_contributes_nothing():
-    from mpifedmeta import algorithm, runner
+    from mpifedmeta.federation import algorithm
+    from mpifedmeta.run import runner
     s = _synthetic_setup(1000)
     params = runner.initial_params(s)
     blk = s.population.build(np.zeros(0, dtype=np.int64), s.device, s.dtype, (5, 2))
@@ -254,7 +258,7 @@ def test_a_rank_with_no_share_of_the_cohort_contributes_nothing():
 
 
 def test_stored_partition_can_evaluate_a_sample_of_its_holdout_agents():
-    from mpifedmeta import config, runner
+    from mpifedmeta.run import config, runner
     cfg = config.load(None, ["data.num_agents=30", "data.holdout_agents=10", "eval.holdout_agents=4",
                              "eval.agents=5", "output.dir=\"/nonexistent/never-written\""])
     threads = torch.get_num_threads()
@@ -267,7 +271,7 @@ def test_stored_partition_can_evaluate_a_sample_of_its_holdout_agents():
 
 
 def test_stationarity_of_a_generated_population_visits_every_training_agent():
-    from mpifedmeta import runner
+    from mpifedmeta.run import runner
     values = []
     for chunk in (7, 64):
         s = _synthetic_setup(40, ["eval.stationarity=true", f"eval.chunk={chunk}", "train.dtype=\"float64\""])
@@ -276,7 +280,7 @@ def test_stationarity_of_a_generated_population_visits_every_training_agent():
     assert np.isfinite(values[0]).all() and np.allclose(values[0], values[1], rtol=1e-10)
     # independent reference: F(w) = (1/30) Σ_k f_k(w − α∇f_k(w)) over the 30 training agents' full
     # training splits, regenerated here, with plain autograd (ν = 1)
-    from mpifedmeta import reference
+    from mpifedmeta.core import reference
     spec = s.population.spec
     w = s.layout.split(runner.initial_params(s))
     loss = reference.make_loss(s.model)

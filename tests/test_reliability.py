@@ -26,7 +26,7 @@ import pytest
 from helpers import (BIN, REPO, TIMEOUT, arrays_identical, assert_models_identical, assert_ok, assert_one_error_line,
                      checkpoint_path, checkpoint_rounds, cli_env, copy_run, describe, file_hashes, final_model,
                      mpiexec_command, mpifedmeta_cmd, read_metrics, run_cli, sets, write_tiny_config)
-from mpifedmeta import io, lock
+from mpifedmeta.storage import io, lock
 from mpifedmeta.data import DataError, load_dataset
 
 R = 6
@@ -566,15 +566,15 @@ def test_stop_signal_checkpoints_the_last_completed_round_at_once(cfg_path, fini
 
 def _mpi_world():
     from mpi4py import MPI
-    from mpifedmeta.dist import World
+    from mpifedmeta.parallel.dist import World
     comm = MPI.COMM_WORLD
     return World(comm, comm.Get_rank(), comm.Get_size(), local_rank=comm.Get_rank(), local_size=comm.Get_size())
 
 
 @pytest.mark.mpi
 def test_agreed_gives_every_rank_the_same_outcome():
-    from mpifedmeta import runner
-    from mpifedmeta.config import ConfigError
+    from mpifedmeta.run import runner
+    from mpifedmeta.run.config import ConfigError
     world = _mpi_world()
     assert runner.agreed(world, lambda: world.rank) == world.rank
     assert runner.agreed(world, lambda: "root", root_only=True) == ("root" if world.is_root else None)
@@ -594,7 +594,7 @@ def test_agreed_gives_every_rank_the_same_outcome():
 @pytest.mark.mpi
 def test_output_lock_held_refuses_on_every_rank():
     import tempfile
-    from mpifedmeta import runner
+    from mpifedmeta.run import runner
     world = _mpi_world()
     base = world.comm.bcast(tempfile.mkdtemp(prefix="mpifedmeta-lock-") if world.is_root else None, root=0)
     try:

@@ -1,7 +1,7 @@
 """Resume, stop by signal, auto-resume, divergence, corrupt files, atomic writes, checkpoint pruning.
 
 All serial: the CLI runs as subprocesses (some under mpiexec); the atomic-write tests call
-mpifedmeta.io in-process.
+mpifedmeta.storage.io in-process.
 """
 
 import json
@@ -18,7 +18,7 @@ import pytest
 from helpers import (TIMEOUT, assert_models_identical, assert_ok, assert_one_error_line, arrays_identical,
                      checkpoint_path, checkpoint_rounds, cli_env, copy_run, describe, file_hashes, final_model,
                      mpifedmeta_cmd, read_metrics, run_cli, sets, write_tiny_config)
-from mpifedmeta import io
+from mpifedmeta.storage import io
 
 R = 6
 BASE = sets(eval__every=2, output__checkpoint_every=1, output__keep=2)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpifedmeta import backends
-from mpifedmeta import metagrad as mg
-from mpifedmeta import reference as ref
+from mpifedmeta.engine import backends
+from mpifedmeta.core import metagrad as mg
+from mpifedmeta.core import reference as ref
 import engine_api as api
-from mpifedmeta.lift import lift
+from mpifedmeta.models.lift import lift
 from mpifedmeta.models import build_model, param_dict
 
 F64 = torch.float64

@@ -16,10 +16,12 @@ import torch
 
 from helpers import (REPO, assert_models_identical, assert_ok, assert_one_error_line, describe, final_model, run_cli,
                      sets, write_tiny_config)
-from mpifedmeta import backends, config, userfile
-from mpifedmeta import metagrad as mg
-from mpifedmeta import reference
-from mpifedmeta.layout import ParamLayout
+from mpifedmeta import userfile
+from mpifedmeta.engine import backends
+from mpifedmeta.run import config
+from mpifedmeta.core import metagrad as mg
+from mpifedmeta.core import reference
+from mpifedmeta.core.layout import ParamLayout
 import engine_api as api
 from mpifedmeta.data import DataError, load_dataset
 from mpifedmeta.models import build_model, param_dict

@@ -42,7 +42,7 @@ def local_curvature(run_dir: str, iters: int = 30) -> float:
     """max_i λ_max(∇²f_i(w_0)) at the initial model, by power iteration with exact HVPs."""
     import torch
 
-    from mpifedmeta import metagrad
+    from mpifedmeta.core import metagrad
     from mpifedmeta.models import build_model
 
     with h5py.File(f"{run_dir}/metrics.h5", "r") as f:

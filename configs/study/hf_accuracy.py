@@ -14,7 +14,8 @@ import argparse
 import numpy as np
 import torch
 
-from mpifedmeta import backends, metagrad
+from mpifedmeta.core import metagrad
+from mpifedmeta.engine import backends
 from mpifedmeta.data import load_dataset
 from mpifedmeta.models import build_model, param_dict
 

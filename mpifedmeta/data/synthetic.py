@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import rng as _rng
+from mpifedmeta.core import rng as _rng
 
 DIM, NUM_CLASSES = 60, 10
 MIN_SAMPLES = 50                  # FedProx: int(lognormal(4, 2)) + 50

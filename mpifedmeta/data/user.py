@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .. import userfile
+from mpifedmeta import userfile
 from .loaders import DataError, Dataset, _npz_agents, _npz_features, _npz_labels
 
 KEY = "data.dataset"

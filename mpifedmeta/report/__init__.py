@@ -1,6 +1,6 @@
 """``mpifedmeta report``: plots and a Markdown summary from one or more runs' ``OUT/metrics.h5``.
 
-The files are read by :func:`mpifedmeta.io.read_run` (the one reader of the layout in
+The files are read by :func:`mpifedmeta.storage.io.read_run` (the one reader of the layout in
 ``docs/hdf5-layout.md``); :mod:`.tables` writes the Markdown tables, :mod:`.plots` the images
 (matplotlib is imported only when drawing). Every file is written atomically.
 """
@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from .. import io
-from ..results import RunMetrics
+from mpifedmeta.storage import io
+from mpifedmeta.storage.results import RunMetrics
 from . import plots
 from .tables import experiment_groups, fmt_value, seed_table, summary
 

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .. import io
+from mpifedmeta.storage import io
 from .tables import finite
 
 

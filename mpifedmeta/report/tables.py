@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import keys_where
-from ..results import RunMetrics
+from mpifedmeta.run.config import keys_where
+from mpifedmeta.storage.results import RunMetrics
 
 DASH = "\u2013"  # shown for missing values (no holdout agents, k not evaluated, ...)
 # Config keys that do not define an experiment (seeds are aggregated over, the rest is bookkeeping).

@@ -30,10 +30,10 @@ import copy
 import torch
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
-from . import metagrad
-from .layout import ParamLayout
-from .losses import masked_mean_ce
-from .lift import lift
+from mpifedmeta.core import metagrad
+from mpifedmeta.core.layout import ParamLayout
+from mpifedmeta.core.losses import masked_mean_ce
+from mpifedmeta.models.lift import lift
 
 
 def _leaves(theta: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -42,7 +42,7 @@ class Registered:
     """Check that a value names an entry of a registry (e.g. ``models.MODELS``), plus ``extra`` names.
 
     The registry is read at validation time, so a new registration needs no edit here and
-    ``import mpifedmeta.config`` stays free of torch.
+    ``import mpifedmeta.run.config`` stays free of torch.
     """
 
     def __init__(self, module: str, registry: str, extra: tuple[str, ...] = (),
@@ -52,11 +52,11 @@ class Registered:
     def names(self) -> tuple[str, ...]:
         sources = ((self.module, self.registry),) + self.also     # also: more (module, registry) pairs
         return self.extra + tuple(name for module, registry in sources
-                                  for name in getattr(importlib.import_module(module, __package__), registry))
+                                  for name in getattr(importlib.import_module(module), registry))
 
     def __call__(self, value) -> str | None:
         if self.files and ":" in value:          # imports the user's file (on every rank), calls nothing
-            userfile = importlib.import_module(".userfile", __package__)
+            userfile = importlib.import_module("mpifedmeta.userfile")
             try:
                 return userfile.resolve(value, "") and None
             except userfile.UserFileError as e:
@@ -118,12 +118,12 @@ _RUN_ONLY = {"resumable": True, "experiment": False}
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "dataset": Key("digits", (str,), Registered(".data", "LOADERS", also=((".population", "GENERATED"),), files=True),
+        "dataset": Key("digits", (str,), Registered("mpifedmeta.data", "LOADERS", also=(("mpifedmeta.federation.population", "GENERATED"),), files=True),
                        "{choices} (synthetic: FedProx Synthetic(alpha, beta), generated per agent), or your loader: FILE.py:FUNCTION | package.module:FUNCTION"),
         "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
         "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
         "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
-        "partition": Key("shards", (str,), Registered(".data", "SCHEMES", also=((".population", "VIRTUAL"),)),
+        "partition": Key("shards", (str,), Registered("mpifedmeta.data", "SCHEMES", also=(("mpifedmeta.federation.population", "VIRTUAL"),)),
                          "{choices} (virtual-*: agents drawn on demand, may share samples; not used by synthetic)"),
         "classes_per_agent": Key(2, (int,), _positive, "classes per agent for shards"),
         "dirichlet_alpha": Key(0.5, (float, int), _positive, "concentration of the Dirichlet label skew"),
@@ -135,7 +135,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "synthetic_max_samples": Key(1000, (int,), _positive, "synthetic: cap on an agent's samples min(int(lognormal(4, 2)) + 50, cap)"),
     },
     "model": {
-        "name": Key("mlp", (str,), Registered(".models", "MODELS", files=True), "{choices}, or your builder: FILE.py:FUNCTION | package.module:FUNCTION"),
+        "name": Key("mlp", (str,), Registered("mpifedmeta.models", "MODELS", files=True), "{choices}, or your builder: FILE.py:FUNCTION | package.module:FUNCTION"),
         "hidden": Key([80, 60], (list,), _hidden, "hidden widths (mlp), fully connected widths (cnn)"),
     },
     "train": {
@@ -146,12 +146,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "alpha": Key(0.01, (float, int), _positive, "α: fine-tuning step size"),
         "beta": Key(0.001, (float, int), _positive, "β: meta step size"),
         "batch_size": Key(32, (int, str), _batch, 'samples per batch, or "full" (each agent\'s whole training split)'),
-        "metagrad": Key("exact", (str,), Registered(".metagrad", "METHODS"), "{choices}"),
+        "metagrad": Key("exact", (str,), Registered("mpifedmeta.core.metagrad", "METHODS"), "{choices}"),
         "hf_delta": Key(1e-3, (float,), _positive, "δ of the Hessian-free finite difference"),
         "weighting": Key("uniform", (str,), _one_of(("uniform", "samples")), "uniform | samples: weights of the average"),
         "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches", experiment=False),
         "dtype": Key("float32", (str,), _one_of(("float32", "float64")), "float32 | float64"),
-        "strategy": Key("stacked", (str,), Registered(".metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
+        "strategy": Key("stacked", (str,), Registered("mpifedmeta.core.metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
         "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked", **_RUN_ONLY),
         "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)", **_RUN_ONLY),
         "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),
@@ -279,7 +279,7 @@ def _check_data(out: dict) -> None:
         raise ConfigError(f"data.path = {d['path']!r}: not a regular file")
     if d["dataset"] == "fashion-mnist" and d["path"] and not os.path.isdir(d["path"]):
         raise ConfigError(f"data.path = {d['path']!r}: directory not found")
-    population = importlib.import_module(".population", __package__)
+    population = importlib.import_module("mpifedmeta.federation.population")
     generated = d["dataset"] in population.GENERATED or d["partition"] in population.VIRTUAL
     if d["num_agents"] > MAX_AGENTS:
         raise ConfigError(f"data.num_agents = {d['num_agents']} exceeds {MAX_AGENTS} (agent ids are 32-bit counters)")

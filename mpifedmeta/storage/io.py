@@ -20,8 +20,8 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from .files import DiskFull, atomic_write_bytes, clean_stale_temps, device_of, replace_atomically  # noqa: F401
-from .results import RunMetrics
+from mpifedmeta.storage.files import DiskFull, atomic_write_bytes, clean_stale_temps, device_of, replace_atomically  # noqa: F401
+from mpifedmeta.storage.results import RunMetrics
 
 METRICS_FORMAT = "mpifedmeta.metrics"
 CHECKPOINT_FORMAT = "mpifedmeta.checkpoint"

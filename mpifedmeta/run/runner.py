@@ -15,10 +15,15 @@ import time
 import numpy as np
 import torch
 
-from . import __version__, algorithm, dist, exactsum, io, metagrad, rng, signals
-from .config import Config, ConfigError, from_json, keys_where
-from .console import Progress, final_table, say
-from .session import (INPUT_ERRORS, BadInput, Setup, agreed, check_output_dir, choose_strategy,  # noqa: F401 (re-exported)
+from mpifedmeta import __version__
+from mpifedmeta.core import exactsum, metagrad, rng
+from mpifedmeta.federation import algorithm
+from mpifedmeta.parallel import dist
+from mpifedmeta.run import signals
+from mpifedmeta.storage import io
+from mpifedmeta.run.config import Config, ConfigError, from_json, keys_where
+from mpifedmeta.run.console import Progress, final_table, say
+from mpifedmeta.run.session import (INPUT_ERRORS, BadInput, Setup, agreed, check_output_dir, choose_strategy,  # noqa: F401 (re-exported)
                       cohort_block, evaluate, initial_params, output_lock, setup)
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED, EXIT_DISK_FULL = 0, 1, 2, 3, 4, 5

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from . import metagrad
+from mpifedmeta.core import metagrad
 
 _compiled: dict = {}
 _graphs: dict = {}

@@ -1,6 +1,6 @@
 """Replacing output files atomically, and what goes with it: fsync, disk-full errors, stale temporaries.
 
-No HDF5 here (:mod:`mpifedmeta.io` writes its HDF5 files through :func:`replace_atomically`). A file
+No HDF5 here (:mod:`mpifedmeta.storage.io` writes its HDF5 files through :func:`replace_atomically`). A file
 is written to ``.NAME.tmp-PID`` in the same directory, fsync'ed and renamed over NAME, so a crash or
 kill mid-write leaves the previous file intact.
 """

@@ -9,7 +9,9 @@ import sys
 
 import torch
 
-from . import __version__, devices, dist, io
+from mpifedmeta import __version__
+from mpifedmeta.parallel import devices, dist
+from mpifedmeta.storage import io
 
 
 def rank_line(world: dist.World, device: torch.device, record: dict) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .liftops import (C, G, S, NotLiftable, Val, bind, bmatmul, grouped_cat_channels, grouped_flatten, grouped_size,
+from mpifedmeta.models.liftops import (C, G, S, NotLiftable, Val, bind, bmatmul, grouped_cat_channels, grouped_flatten, grouped_size,
                       shift)
 
 

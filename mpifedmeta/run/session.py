@@ -16,13 +16,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import algorithm, backends, budget, capture, devices, dist, exactsum, io, lock, metagrad, population, rng
-from .config import Config, ConfigError
-from .console import say
-from .data import DataError
-from .layout import ParamLayout
-from .lift import Refused, lift
-from .models import build_model, build_shapes, param_dict
+from mpifedmeta.core import exactsum, metagrad, rng
+from mpifedmeta.engine import backends, capture
+from mpifedmeta.federation import algorithm, population
+from mpifedmeta.parallel import devices, dist
+from mpifedmeta.run import budget
+from mpifedmeta.storage import io, lock
+from mpifedmeta.run.config import Config, ConfigError
+from mpifedmeta.run.console import say
+from mpifedmeta.data import DataError
+from mpifedmeta.core.layout import ParamLayout
+from mpifedmeta.models.lift import Refused, lift
+from mpifedmeta.models import build_model, build_shapes, param_dict
 
 class BadInput(RuntimeError):
     """Bad configuration, files or flags: one line, exit code 2 on every rank."""
@@ -94,7 +99,7 @@ class Setup:
     eval_train_ids: np.ndarray
     holdout_ids: np.ndarray
     spec: algorithm.RoundSpec
-    backend: object = None       # mpifedmeta.backends; train.strategy = "auto" is resolved by choose_strategy
+    backend: object = None       # mpifedmeta.engine.backends; train.strategy = "auto" is resolved by choose_strategy
     strategy: str = ""
     stage: dist.HostStage = None     # the reused host buffer of the Allreduces
     device_map: list = None          # every rank's (host, device) record
@@ -163,9 +168,9 @@ def setup(cfg: Config, world: dist.World) -> Setup:
 
 
 def choose_strategy(s: Setup, params: dict, recorded: str | None = None) -> str:
-    """Resolve train.strategy (see mpifedmeta.strategy) and build the backend; returns a one-line
+    """Resolve train.strategy (see mpifedmeta.engine.strategy) and build the backend; returns a one-line
     description of the choice."""
-    from . import strategy as strat
+    from mpifedmeta.engine import strategy as strat
 
     t = s.cfg.train
     per_rank = s.spec.agent_chunk or -(-t.agents_per_round // s.world.size)   # the block size the calls will see

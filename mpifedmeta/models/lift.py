@@ -1,7 +1,7 @@
 """The block's stacked forward, derived from a model's structure.
 
 ``lift(model)`` traces ``model.forward`` with torch.fx once and lifts every operation to the agent
-axis (mpifedmeta/liftops.py: how each one is lifted, the two activation layouts). The result's
+axis (mpifedmeta/models/liftops.py: how each one is lifted, the two activation layouts). The result's
 ``forward(params, x)`` runs the whole block as one model: ``params`` {name: (B, *global shape)}
 under the model's ``named_parameters()`` names, ``x`` (B, n, *features) → logits (B, n, classes).
 Agents share no parameter, so one backward of Σ_agents loss gives every agent's own gradient.
@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from . import liftnn, liftops
-from .liftops import C, G, S, NotLiftable, Val
+from mpifedmeta.models import liftnn, liftops
+from mpifedmeta.models.liftops import C, G, S, NotLiftable, Val
 
 
 class Refused(ValueError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 
-from .config import ConfigError, apply_overrides, parse_value
+from mpifedmeta.run.config import ConfigError, apply_overrides, parse_value
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:

@@ -18,7 +18,9 @@ from typing import Callable
 
 import torch
 
-from . import algorithm, backends, chunks, metagrad
+from mpifedmeta.core import metagrad
+from mpifedmeta.engine import backends, chunks
+from mpifedmeta.federation import algorithm
 
 CANDIDATES = ("loop", "chunked", "stacked", "vmap")    # least memory first (CPU peak memory is monotonic)
 

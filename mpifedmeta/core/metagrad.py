@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import cross_entropy
+from mpifedmeta.core.losses import cross_entropy
 
 STRATEGIES = ("stacked", "vmap", "chunked", "loop")
 CAPTURES = ("off", "compile", "cudagraphs")
@@ -94,7 +94,7 @@ def num_slots(nu: int, method: str) -> int:
 
 
 # --------------------------------------------------------------------------- the block recursion
-# A backend (mpifedmeta.backends) supplies, for models θ (lists of (B, *shape) tensors) and
+# A backend (mpifedmeta.engine.backends) supplies, for models θ (lists of (B, *shape) tensors) and
 # gathered batches x (B, b, ...), y (B, b), mask (B, b):
 #   grad(theta, x, y, mask)     -> (every agent's ∇f_i as such a list, the losses f_i (B,))
 #   hvp(theta, v, x, y, mask)   -> every agent's ∇²f_i(θ_i) v_i as such a list
@@ -172,7 +172,7 @@ def local_update(backend, theta: torch.Tensor, X, Y, idx, mask, meta: MetaSpec, 
     execution, with a one-line notice, wherever capture is not possible.
     """
     if capture != "off":
-        from . import capture as cap
+        from mpifedmeta.engine import capture as cap
         out = cap.local_update(backend, theta, X, Y, idx, mask, meta, beta, capture)
         if out is not None:
             return out

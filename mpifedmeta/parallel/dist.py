@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import devices
+from mpifedmeta.parallel import devices
 
 
 class LaunchError(RuntimeError):

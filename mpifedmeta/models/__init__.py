@@ -1,7 +1,7 @@
 """Model definitions. Models are used functionally: parameters live in dicts of tensors
 (stacked along a leading agent dimension for a block) and are applied either with
 ``torch.func.functional_call`` (any model, under vmap) or by the block's stacked forward that
-mpifedmeta/lift.py derives from the model's structure (the built-in models and a user's alike).
+mpifedmeta/models/lift.py derives from the model's structure (the built-in models and a user's alike).
 ``model.name`` is a key of :data:`MODELS` or a user's builder, ``"file.py:build"`` /
 ``"package.module:build"`` (mpifedmeta/userfile.py).
 """
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import userfile
+from mpifedmeta import userfile
 
 
 class Linear(nn.Module):

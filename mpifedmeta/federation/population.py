@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .block import AgentBlock, assemble, build_block
-from .data import DataError, load_dataset, make_partition
-from .data import synthetic as synth
-from .data import virtual as virt
+from mpifedmeta.federation.block import AgentBlock, assemble, build_block
+from mpifedmeta.data import DataError, load_dataset, make_partition
+from mpifedmeta.data import synthetic as synth
+from mpifedmeta.data import virtual as virt
 
 VIRTUAL_PREFIX = "virtual-"
 

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .config import SCHEMA, Config, ConfigError
+from mpifedmeta.run.config import SCHEMA, Config, ConfigError
 
 GB = 1 << 30
 

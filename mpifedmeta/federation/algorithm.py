@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from . import chunks, dist, exactsum, metagrad, rng
-from .block import AgentBlock, padded_rows
+from mpifedmeta.core import exactsum, metagrad, rng
+from mpifedmeta.engine import chunks
+from mpifedmeta.parallel import dist
+from mpifedmeta.federation.block import AgentBlock, padded_rows
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""One run's results as read from its metrics.h5 by :func:`mpifedmeta.io.read_run` (plain arrays)."""
+"""One run's results as read from its metrics.h5 by :func:`mpifedmeta.storage.io.read_run` (plain arrays)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 
 @dataclass
 class RunMetrics:
-    """What one run's ``metrics.h5`` holds, as :func:`mpifedmeta.io.read_run` returns it.
+    """What one run's ``metrics.h5`` holds, as :func:`mpifedmeta.storage.io.read_run` returns it.
 
     ``R`` evaluation rows, ``K`` fine-tuning step counts, ``A`` evaluated training agents, ``H``
     holdout agents (possibly 0). Per-agent arrays are kept for the last evaluation row only (the
-    full ``(R, K, A)`` arrays can be large; :func:`mpifedmeta.io.read_table` reads everything).
+    full ``(R, K, A)`` arrays can be large; :func:`mpifedmeta.storage.io.read_table` reads everything).
     """
 
     out_dir: str

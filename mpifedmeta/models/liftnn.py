@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .liftops import G, S, NotLiftable, Val, bind, binary, conv, dense, group_norm, identity, layer_norm, unary
-from .liftshape import (along_dim, attribute, cat_call, dim_call, flatten_call, flatten_module, getitem_call,
+from mpifedmeta.models.liftops import G, S, NotLiftable, Val, bind, binary, conv, dense, group_norm, identity, layer_norm, unary
+from mpifedmeta.models.liftshape import (along_dim, attribute, cat_call, dim_call, flatten_call, flatten_module, getitem_call,
                         matmul_call, permute_call, reduction, reshape_call, size_call, softmax_module, squeeze_call,
                         t_call, transpose_call, unflatten_module, unsqueeze_call)
 

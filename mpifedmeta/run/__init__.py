@@ -1,0 +1,1 @@
+"""The run machinery: configuration, set-up, the round loop, signals, sweeps, the terminal."""
