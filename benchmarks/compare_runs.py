@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpifedmeta.storage import io  # noqa: E402
+from mpifedmeta.storage import checkpoint, hdf5, metrics  # noqa: E402
 
 def is_timing(column: str) -> bool:
     """Measured times (wall_time, round_time, allreduce_time, compute_time, ...) differ between runs by nature."""
@@ -29,11 +29,11 @@ def identical(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def load(out: str):
-    ckpts = io.list_checkpoints(out)
+    ckpts = checkpoint.list_all(out)
     if not ckpts:
-        raise io.OutputError(f"{out}: no checkpoints")
-    round_, params, _, _ = io.read_checkpoint(ckpts[-1][1])
-    tables = {f"{g}/{k}": v for g in ("train", "eval") for k, v in io.read_table(out, g).items() if not is_timing(k)}
+        raise hdf5.OutputError(f"{out}: no checkpoints")
+    round_, params, _, _ = checkpoint.read(ckpts[-1][1])
+    tables = {f"{g}/{k}": v for g in ("train", "eval") for k, v in metrics.read(out, tables=True).tables[g].items() if not is_timing(k)}
     return round_, params, tables
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         runs = [load(r) for r in args.runs]
-    except io.OutputError as e:
+    except hdf5.OutputError as e:
         print(f"compare_runs: error: {e}", file=sys.stderr)
         return 2
     ok = True

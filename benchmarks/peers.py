@@ -347,7 +347,7 @@ def startup_line_time(run: dict) -> float | None:
 
 
 def run_mpifedmeta(a, nu: int, method: str, ranks: int, threads: int, workdir: str, tag: str) -> dict:
-    from mpifedmeta.storage import io
+    from mpifedmeta.storage import metrics
     out = os.path.join(workdir, f"{tag}_nu{nu}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = os.path.join(workdir, f"{tag}_nu{nu}.toml")
@@ -364,7 +364,7 @@ def run_mpifedmeta(a, nu: int, method: str, ranks: int, threads: int, workdir: s
     if run["exit_code"] != 0:
         row["error"] = f"exit {run['exit_code']}: {tail(run)}"
         return row
-    metrics = io.read_run(out)
+    metrics = metrics.read(out)
     row.update(summarize([float(x) for x in metrics.train["round_time"]], a.warmup))
     row["loss_per_round"] = [float(x) for x in metrics.train["meta_loss"]]
     row["strategy"] = str(metrics.attrs.get("strategy", "?"))
@@ -419,7 +419,7 @@ def pfl_missing() -> str | None:
 
 def startup_benchmark(a, workdir: str) -> dict:
     """`mpifedmeta run configs/quickstart.toml --set train.rounds=1`: launch -> round 1, median of runs."""
-    from mpifedmeta.storage import io
+    from mpifedmeta.storage import metrics
     runs = []
     for i in range(a.startup_runs):
         out = os.path.join(workdir, f"quickstart_{i}")
@@ -435,7 +435,7 @@ def startup_benchmark(a, workdir: str) -> dict:
             r["error"] = f"exit {run['exit_code']}: {tail(run)}"
         else:
             r["to_round1_start_s"] = t_line - run["t_launch"]
-            r["to_round1_end_s"] = r["to_round1_start_s"] + float(io.read_run(out).train["round_time"][0])
+            r["to_round1_end_s"] = r["to_round1_start_s"] + float(metrics.read(out).train["round_time"][0])
         shutil.rmtree(out, ignore_errors=True)
         runs.append(r)
     ok = [r for r in runs if "error" not in r]

@@ -136,8 +136,8 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
     if proc.returncode != 0:
         row["error"] = " | ".join(text.strip().splitlines()[-4:])
         return row
-    from mpifedmeta.storage import io
-    run = io.read_run(out)
+    from mpifedmeta.storage import metrics
+    run = metrics.read(out)
     rt, ar, nb = run.train["round_time"], run.train["allreduce_time"], run.train["bytes_allreduced"]
     # per-rank compute time of the round (engines that log it): slowest and fastest rank
     ct, ct_min = run.train.get("compute_time"), run.train.get("compute_time_min")

@@ -56,12 +56,12 @@ def _on_every_rank(world, build):
 
     Returns (value, None) or (None, message) so that the error is printed once and every rank exits 2.
     """
-    from mpifedmeta.run import runner
+    from mpifedmeta.run import protocol
     from mpifedmeta.run.config import ConfigError
 
     try:
-        return runner.agreed(world, build, errors=(ConfigError,)), None
-    except runner.BadInput as e:
+        return protocol.agreed(world, build, errors=(ConfigError,)), None
+    except protocol.BadInput as e:
         return None, str(e)
 
 
@@ -94,8 +94,8 @@ def _main(argv: list[str] | None) -> int:
         return _report(args)
 
     from mpifedmeta.parallel import dist
-    from mpifedmeta.run import runner
-    from mpifedmeta.storage import io
+    from mpifedmeta.run import protocol, runner, start
+    from mpifedmeta.storage import files
     from mpifedmeta.run.config import load
 
     try:
@@ -113,23 +113,23 @@ def _main(argv: list[str] | None) -> int:
             if err:
                 return _fail(world, err)
             if args.auto_resume:
-                return runner.auto_resume_or_start(cfg, world)
-            return runner.start_new(cfg, world)
+                return start.auto_resume_or_start(cfg, world)
+            return start.start_new(cfg, world)
         if args.command == "sweep":
             return _sweep(args, world)
         if args.command == "resume":
             if args.rounds is not None and args.rounds < 0:
                 return _fail(world, f"--rounds {args.rounds}: must be >= 0")
-            return runner.resume(args.out, world, args.rounds)
-    except runner.BadInput as e:
+            return start.resume(args.out, world, args.rounds)
+    except protocol.BadInput as e:
         return _fail(world, str(e))
-    except io.DiskFull as e:            # every rank raises it (runner.agreed): printed once, no rank left waiting
+    except files.DiskFull as e:            # every rank raises it (protocol.agreed): printed once, no rank left waiting
         return _fail(world, str(e), runner.EXIT_DISK_FULL)
     return 1
 
 
 def _sweep(args, world) -> int:
-    from mpifedmeta.run import runner, sweep
+    from mpifedmeta.run import runner, start, sweep
     from mpifedmeta.run.config import ConfigError, load
 
     def resolve():
@@ -153,7 +153,7 @@ def _sweep(args, world) -> int:
     for n, ((d, _), cfg) in enumerate(zip(todo, cfgs), 1):
         if world.is_root:
             print(f"== sweep point {n}/{len(todo)}: {d}", flush=True)
-        code = runner.auto_resume_or_start(cfg, world)
+        code = start.auto_resume_or_start(cfg, world)
         if code == runner.EXIT_DIVERGED:      # a result too (e.g. a step size above the stability bound)
             diverged.append(d)
         elif code != 0:

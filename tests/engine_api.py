@@ -34,8 +34,9 @@ def block_meta_gradients(backend, params: dict, X, Y, idx, mask, meta):
     return as_dict(backend, g), value
 
 
-def local_update(backend, params: dict, X, Y, idx, mask, meta, beta, capture="off"):
-    theta, losses = metagrad.local_update(backend, flat(backend, params), X, Y, idx, mask, meta, beta, capture)
+def local_update(backend, params: dict, X, Y, idx, mask, meta, beta, compile_mode="off"):
+    from mpifedmeta.engine import compiled
+    theta, losses = compiled.local_update(compile_mode, backend, flat(backend, params), X, Y, idx, mask, meta, beta)
     return backend.layout.split(theta), losses
 
 

@@ -84,8 +84,8 @@ def test_metrics_file_layout(finished):
         assert np.all(np.isfinite(t["meta_loss"][()])) and np.all(t["meta_loss"][()] > 0)
         assert np.all(np.diff(t["wall_time"][()]) >= 0)
         assert np.all(t["round_time"][()] >= 0) and np.all(t["allreduce_time"][()] >= 0)
-        # one int64 per parameter (the exact sum of displacements), 2 for the meta-loss, the bad and stop flags
-        assert np.all(t["bytes_allreduced"][()] == 8 * (d + 4))
+        # one int64 per parameter (the exact sum of displacements), 2 for the meta-loss, 1 for the bad count
+        assert np.all(t["bytes_allreduced"][()] == 8 * (d + 3))
 
         e = f["eval"]
         K = len(KS)

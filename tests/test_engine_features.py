@@ -1,6 +1,5 @@
 """Engine features beyond the core loop: auto strategy, stationarity diagnostics, sweeps, seed tables."""
 
-import json
 import os
 import subprocess
 
@@ -11,8 +10,9 @@ import torch
 from mpi4py import MPI
 
 from mpifedmeta.core import metagrad, reference
-from mpifedmeta.run import config, runner, sweep
-from mpifedmeta.storage import io
+from mpifedmeta.engine import compiled as compiled_rounds
+from mpifedmeta.run import config, session, start, sweep
+from mpifedmeta.storage import metrics
 from mpifedmeta.parallel.dist import World
 from mpifedmeta.report import experiment_groups, load_run, make_report
 
@@ -28,7 +28,7 @@ def serial_world():
 def run_inprocess(tmp_path, name, extra):
     out = str(tmp_path / name)
     cfg = config.load(None, TINY + extra + [f'output.dir="{out}"'])
-    assert runner.start_new(cfg, serial_world()) == 0
+    assert start.start_new(cfg, serial_world()) == 0
     return out
 
 
@@ -47,7 +47,7 @@ def test_auto_strategy_is_recorded_and_reused_on_resume(tmp_path):
     _, attrs = final_model(out)
     assert attrs["strategy"] == chosen
     # a resumed auto run continues with the recorded strategy, bit for bit
-    assert runner.resume(out, serial_world(), 5) == 0
+    assert start.resume(out, serial_world(), 5) == 0
     resumed, _ = final_model(out)
     ref = run_inprocess(tmp_path, "ref", ["train.strategy=" + str(chosen), "train.rounds=5"])
     expected, _ = final_model(ref)
@@ -66,9 +66,9 @@ def test_stationarity_matches_a_direct_per_agent_computation(tmp_path):
     out = run_inprocess(tmp_path, "stat", ["eval.stationarity=true", "train.dtype=float64", "model.name=linear",
                                            "train.nu=2", "train.alpha=0.3"])
     cfg = config.load(None, TINY + ["train.dtype=float64", "model.name=linear", "train.nu=2", "train.alpha=0.3"])
-    s = runner.setup(cfg, serial_world())
+    s = session.setup(cfg, serial_world())
     params, _ = final_model(out)
-    blk = s.block
+    blk = s.round.agents.block
     params = {k: torch.as_tensor(v, device=blk.device) for k, v in params.items()}
     grads, values = [], []
     for a in range(s.num_train):      # per-agent loop with plain autograd on the full training split
@@ -80,7 +80,7 @@ def test_stationarity_matches_a_direct_per_agent_computation(tmp_path):
         grads.append(torch.cat([t.reshape(-1) for t in g.values()]))
         values.append(float(v))
     full = torch.stack(grads).mean(0).cpu()
-    run = io.read_run(out)
+    run = metrics.read(out)
     gn, F = run.grad_norm_sq[-1], run.meta_loss_full[-1]
     assert np.isfinite(run.grad_norm_sq).all()
     assert gn == pytest.approx(float(full @ full), rel=1e-9)
@@ -89,7 +89,7 @@ def test_stationarity_matches_a_direct_per_agent_computation(tmp_path):
 
 def test_no_holdout_agents(tmp_path):
     out = run_inprocess(tmp_path, "noho", ["data.holdout_agents=0"])
-    ev = io.read_table(out, "eval")
+    ev = metrics.read(out, tables=True).tables["eval"]
     assert ev["holdout_agent_acc"].shape == (2, 2, 0)
     assert np.isnan(ev["holdout_acc_mean"]).all()
 
@@ -125,17 +125,21 @@ def test_sweep_cli_runs_each_point_once_and_report_aggregates_seeds(tmp_path, cl
     assert f"{100 * np.mean(acc):.1f} ± {100 * np.std(acc):.1f}" in text
 
 
-def test_compile_option_matches_eager_or_falls_back():
+@pytest.mark.parametrize("model_name", ["linear", "cnn"])
+def test_compile_option_matches_eager_or_falls_back(model_name):
+    """train.compile gives the eager numbers, exact HVPs included (the CNN's lifted layout
+    conversions are autograd functions, which torch.compile miscompiles in double backward)."""
     torch.manual_seed(0)
     from mpifedmeta.models import build_model, param_dict
-    model = build_model("linear", (6,), 3).double()
+    shape = (6,) if model_name == "linear" else (1, 6, 6)
+    model = build_model(model_name, shape, 3, None if model_name == "linear" else [5]).double()
     from mpifedmeta.engine import backends
     backend = backends.make(model, "stacked")
     p = param_dict(model)
     B = 3
     stacked = {k: v.unsqueeze(0).repeat(B, *[1] * v.dim()) + 0.01 * torch.randn(B, *v.shape, dtype=v.dtype)
                for k, v in p.items()}
-    X, Y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    X, Y = torch.randn((40,) + shape, dtype=torch.float64), torch.randint(0, 3, (40,))
     for method in ("fo", "exact"):
         S = metagrad.num_slots(1, method)
         idx, mask = torch.randint(0, 40, (B, S, 8)), torch.ones(B, S, 8, dtype=torch.float64)
@@ -143,13 +147,32 @@ def test_compile_option_matches_eager_or_falls_back():
         meta = metagrad.MetaSpec(1, 0.1, method)
         start = backend.layout.flatten(stacked, 1)
         eager, _ = metagrad.local_update(backend, start.clone(), X, Y, idx, mask, meta, 0.5)
-        compiled, _ = metagrad.local_update(backend, start.clone(), X, Y, idx, mask, meta, 0.5, capture="compile")
+        compiled, _ = compiled_rounds.local_update("compile", backend, start.clone(), X, Y, idx, mask, meta, 0.5)
         assert not torch.equal(eager, start)
         torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
 
 
 def test_strategy_pick_prefers_vmap_within_the_noise_margin():
     from mpifedmeta.engine.strategy import pick
-    assert pick({"vmap": 1.0, "loop": 0.95, "chunked": 0.97}) == "vmap"
-    assert pick({"vmap": 1.0, "loop": 0.5}) == "loop"
+    assert pick({"vmap": 1.0, "loop": 0.98, "chunked": 0.99}) == "vmap"      # within 3%: the default
+    assert pick({"vmap": 1.0, "loop": 0.95}) == "loop"                         # else the fastest
+    assert pick({"stacked": 1.0, "loop": 0.9, "vmap": 0.95}) == "loop"
     assert pick({"loop": 2.0, "chunked": 1.0}) == "chunked"
+
+
+def test_agent_chunk_auto_is_timed_on_cpu_recorded_and_reused(tmp_path):
+    """train.agent_chunk = "auto" on the CPU times chunk sizes at start-up (the start-up line shows
+    the timings), records the choice, and a resume keeps it; an integer is used as is."""
+    from mpifedmeta.engine import strategy
+    cfg = config.load(None, TINY + ["train.agents_per_round=10", 'output.dir="/nonexistent/x"'])
+    s = session.setup(cfg, serial_world())
+    assert s.round.spec.agent_chunk in (0,) + strategy.CHUNK_SIZES
+    assert "auto:" in s.agent_chunk_line and "none:" in s.agent_chunk_line
+    again = session.setup(cfg, serial_world(), {"strategy": s.strategy, "agent_chunk": 4})
+    assert again.round.spec.agent_chunk == 4 and "recorded" in again.agent_chunk_line
+    fixed = session.setup(config.load(None, TINY + ["train.agent_chunk=3", 'output.dir="/nonexistent/x"']),
+                          serial_world())
+    assert fixed.round.spec.agent_chunk == 3 and fixed.agent_chunk_line == "3"
+    out = run_inprocess(tmp_path, "chunk", ["train.agent_chunk=2"])
+    _, attrs = final_model(out)
+    assert attrs["agent_chunk"] == 2

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from mpifedmeta.run import config, runner
+from mpifedmeta.run import config, session, start
 from mpifedmeta.data import load_dataset
 from mpifedmeta.parallel.dist import World
 
@@ -65,7 +65,7 @@ def test_float64_run_uses_the_exact_float64_features(tmp_path):
     assert load_dataset("npz", path, "float64").x.dtype == np.float64
     assert np.array_equal(load_dataset("npz", path, "float64").x, x)
     out = str(tmp_path / "run64")
-    assert runner.start_new(_cfg(path, out, "float64"), _world()) == 0
+    assert start.start_new(_cfg(path, out, "float64"), _world()) == 0
     with h5py.File(os.path.join(out, "metrics.h5"), "r") as f:
         ptr, idx = f["partition/train_ptr"][()], f["partition/train_idx"][()]
     rows = [idx[ptr[a]:ptr[a + 1]] for a in range(2)]
@@ -81,7 +81,7 @@ def test_float64_run_uses_the_exact_float64_features(tmp_path):
 def test_float32_run_keeps_float32_features(tmp_path):
     path, x, _ = _npz(tmp_path)
     assert load_dataset("npz", path).x.dtype == np.float32
-    s = runner.setup(_cfg(path, str(tmp_path / "run32"), "float32"), _world())
+    s = session.setup(_cfg(path, str(tmp_path / "run32"), "float32"), _world())
     rows = s.population.partition.train_idx
-    assert s.block.X_train.dtype == torch.float32
-    assert torch.equal(s.block.X_train, torch.as_tensor(x[rows].astype(np.float32)))
+    assert s.round.agents.block.X_train.dtype == torch.float32
+    assert torch.equal(s.round.agents.block.X_train, torch.as_tensor(x[rows].astype(np.float32)))

@@ -13,7 +13,7 @@ from helpers import local_round_array, REPO, TEST_DEVICE
 from mpifedmeta.engine import chunks
 from mpifedmeta.federation import algorithm
 from mpifedmeta.parallel import devices, dist
-from mpifedmeta.run import config, runner
+from mpifedmeta.run import config, session, start
 from mpifedmeta.federation.block import build_block
 from mpifedmeta.data import load_dataset
 
@@ -55,9 +55,9 @@ def _setup(batch_size, dtype, method="exact", model="mlp"):
                                  f'train.dtype="{dtype}"', f'train.metagrad="{method}"', f'model.name="{model}"',
                                  'output.dir="/nonexistent/never-written"', f'train.device="{TEST_DEVICE}"'])
         threads = torch.get_num_threads()
-        s = runner.setup(cfg, dist.World(MPI.COMM_SELF, 0, 1, 0, 1))
+        s = session.setup(cfg, dist.World(MPI.COMM_SELF, 0, 1, 0, 1))
         torch.set_num_threads(threads)
-        _SETUPS[key] = (s, load_dataset("digits", ""), runner.initial_params(s))
+        _SETUPS[key] = (s, load_dataset("digits", ""), s.w0)
     return _SETUPS[key]
 
 
@@ -68,16 +68,16 @@ CHUNKS = [0, 1, 2, 3, 32]
 
 def _limbs(s, ds, params, split, agent_chunk, fn="round"):
     import dataclasses
-    spec = dataclasses.replace(s.spec, agent_chunk=agent_chunk)
-    w = algorithm.cohort_weights(COHORT, s.train_counts, "samples")
+    spec = dataclasses.replace(s.round.spec, agent_chunk=agent_chunk)
+    w = algorithm.cohort_weights(COHORT, s.population.train_counts, "samples")
     total = 0
     for lo, hi in split:
         blk = build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype)
         if fn == "round":
-            limbs, bad = local_round_array(s.backend, blk, params, spec, 1, COHORT, w)
+            limbs, bad = local_round_array(s.round.backend, blk, params, spec, 1, COHORT, w)
             assert bad.shape == () and int(bad) == 0
         else:
-            limbs = algorithm.stationarity_block(s.backend, blk, params, s.num_train, 2, 0.05, 256, agent_chunk).cpu().numpy()
+            limbs = algorithm.stationarity_block(s.round.backend, blk, params, s.num_train, 2, 0.05, 256, agent_chunk).cpu().numpy()
         total = total + limbs
     return total
 
@@ -112,7 +112,7 @@ def test_agent_chunk_padding_evaluation():
 
     def rows(split, C):
         return np.concatenate([algorithm.evaluate_block(
-            s.backend, build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype), params, ids,
+            s.round.backend, build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype), params, ids,
             [0, 1, 2], 0.05, 256, C) for lo, hi in split])
 
     ref = rows(SPLITS[0], 0)
@@ -126,8 +126,8 @@ def test_divergence_count_stays_on_the_device():
     bad_params = params.clone()
     bad_params[0] = float("nan")
     blk = build_block(ds.x, ds.y, s.population.partition, 0, 12, s.device, s.dtype)
-    w = algorithm.cohort_weights(COHORT, s.train_counts, "uniform")
-    limbs, bad = local_round_array(s.backend, blk, bad_params, s.spec, 1, COHORT, w)
+    w = algorithm.cohort_weights(COHORT, s.population.train_counts, "uniform")
+    limbs, bad = local_round_array(s.round.backend, blk, bad_params, s.round.spec, 1, COHORT, w)
     assert isinstance(bad, torch.Tensor) and bad.device == blk.device and int(bad) > 0
 
 
@@ -142,7 +142,7 @@ def test_agent_chunk_run_recorded_and_identical_to_unpadded(tmp_path):
                                  "train.local_steps=2", "train.nu=2", "model.hidden=[16]", "train.rounds=2",
                                  "eval.every=2", "eval.stationarity=true", f"train.agent_chunk={C}",
                                  f'output.dir="{outs[C]}"', f'train.device="{TEST_DEVICE}"'])
-        assert runner.start_new(cfg, dist.World(MPI.COMM_SELF, 0, 1, 0, 1)) == 0
+        assert start.start_new(cfg, dist.World(MPI.COMM_SELF, 0, 1, 0, 1)) == 0
     a, b = final_model(outs[0]), final_model(outs[2])
     assert all(np.array_equal(a[k], b[k]) for k in a)
     ma, mb = read_metrics(outs[0]), read_metrics(outs[2])
@@ -255,8 +255,8 @@ def test_no_cuda_aware_branch_left():
 def test_host_stage_reuses_one_buffer():
     world = dist.World(MPI.COMM_SELF, 0, 1, 0, 1)
     stage = dist.HostStage(torch.device("cpu"))
-    a = stage.allreduce(world, torch.arange(6, dtype=torch.int64).view(2, 3), np.array([7]))
-    assert a.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    a = stage.allreduce(world, torch.arange(7, dtype=torch.int64))
+    assert a.tolist() == [0, 1, 2, 3, 4, 5, 6]
     buf = stage.host
     b = stage.allreduce(world, torch.full((4,), 9, dtype=torch.int64))
     assert b.tolist() == [9, 9, 9, 9] and stage.host is buf           # no new allocation
@@ -293,14 +293,14 @@ def test_gpu_check_script_parses_and_checks_its_arguments():
 
 
 def test_compile_fallback_notice_is_one_line_on_rank_0_only(monkeypatch, capsys):
-    from mpifedmeta.engine import capture
-    monkeypatch.setattr(capture, "_failed", {})
-    monkeypatch.setattr(capture, "ANNOUNCE", False)            # what setup() sets on ranks other than 0
-    capture._notice(("a",), "torch.compile failed (x)")
+    from mpifedmeta.engine import compiled
+    monkeypatch.setattr(compiled, "_failed", {})
+    monkeypatch.setattr(compiled, "ANNOUNCE", False)            # what setup() sets on ranks other than 0
+    compiled._notice(("a",), "torch.compile failed (x)")
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(capture, "ANNOUNCE", True)
+    monkeypatch.setattr(compiled, "ANNOUNCE", True)
     for _ in range(2):
-        capture._notice(("b",), "torch.compile failed (y)")
+        compiled._notice(("b",), "torch.compile failed (y)")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torch.compile failed (y)" in err[0] and "eagerly" in err[0]
 

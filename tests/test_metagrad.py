@@ -11,7 +11,6 @@ Run with ``-s`` to see the measured errors.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

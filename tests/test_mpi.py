@@ -81,7 +81,7 @@ def _block_setup(batch_size, dtype):
     key = (batch_size, dtype)
     if key not in _BLOCK_SETUPS:
         from mpi4py import MPI
-        from mpifedmeta.run import config, runner
+        from mpifedmeta.run import config, session
         from mpifedmeta.data import load_dataset
         cfg = config.load(None, ["data.num_agents=12", "data.holdout_agents=2", "train.agents_per_round=3",
                                  "train.local_steps=2", "train.nu=2", "train.alpha=0.05", "train.beta=0.05",
@@ -89,9 +89,9 @@ def _block_setup(batch_size, dtype):
                                  f"train.dtype=\"{dtype}\"", "output.dir=\"/nonexistent/never-written\"",
                                  f"train.device=\"{TEST_DEVICE}\""])
         threads = torch.get_num_threads()
-        s = runner.setup(cfg, _world(MPI.COMM_SELF))
+        s = session.setup(cfg, _world(MPI.COMM_SELF))
         torch.set_num_threads(threads)
-        _BLOCK_SETUPS[key] = (s, load_dataset("digits", ""), runner.initial_params(s))
+        _BLOCK_SETUPS[key] = (s, load_dataset("digits", ""), s.w0)
     return _BLOCK_SETUPS[key]
 
 
@@ -106,10 +106,10 @@ COHORT = np.array([0, 6, 7], dtype=np.int64)   # agent 0 has the most samples: p
 
 def _summed_limbs(s, ds, params, split):
     from mpifedmeta.federation import algorithm
-    w = algorithm.cohort_weights(COHORT, s.train_counts, "samples")
+    w = algorithm.cohort_weights(COHORT, s.population.train_counts, "samples")
     total = None
     for lo, hi in split:
-        limbs, bad = local_round_array(s.backend, _block(s, ds, lo, hi), params, s.spec, 1, COHORT, w)
+        limbs, bad = local_round_array(s.round.backend, _block(s, ds, lo, hi), params, s.round.spec, 1, COHORT, w)
         assert bad == 0
         total = limbs if total is None else total + limbs
     return total
@@ -118,7 +118,7 @@ def _summed_limbs(s, ds, params, split):
 def _eval_rows(s, ds, params, split):
     from mpifedmeta.federation import algorithm
     ids = np.array([0, 3, 6, 10, 11], dtype=np.int64)
-    return np.concatenate([algorithm.evaluate_block(s.backend, _block(s, ds, lo, hi), params, ids,
+    return np.concatenate([algorithm.evaluate_block(s.round.backend, _block(s, ds, lo, hi), params, ids,
                                                     [0, 1, 2], 0.05, 256) for lo, hi in split])
 
 
@@ -364,19 +364,19 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
     """A run on COMM_WORLD (all ranks) is bit-identical to a run on COMM_SELF by rank 0 alone; with
     agents_per_round=1, every round has ranks that own no sampled agent."""
     from mpi4py import MPI
-    from mpifedmeta.run import runner
+    from mpifedmeta.run import start
     comm = _comm()
     world = _world(comm)
     base = _shared_tmpdir(comm)
     try:
         cfg_world = _tiny_cfg(os.path.join(base, "world"), *extra)
-        code = runner.start_new(cfg_world, world)
+        code = start.start_new(cfg_world, world)
         _agree(comm, code == 0, f"exit code {code} on COMM_WORLD")
         err = None
         if world.is_root:
             try:
                 cfg_self = _tiny_cfg(os.path.join(base, "self"), *extra)
-                self_code = runner.start_new(cfg_self, _world(MPI.COMM_SELF))
+                self_code = start.start_new(cfg_self, _world(MPI.COMM_SELF))
                 if self_code != 0:
                     err = f"exit code {self_code} on COMM_SELF"
                 else:
@@ -403,15 +403,15 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
 @pytest.mark.mpi
 def test_inprocess_resume_on_world_equals_uninterrupted():
     """3 rounds, then resume to 5 rounds on COMM_WORLD == 5 rounds straight (same ranks)."""
-    from mpifedmeta.run import runner
+    from mpifedmeta.run import start
     comm = _comm()
     world = _world(comm)
     base = _shared_tmpdir(comm)
     try:
         a, b = os.path.join(base, "a"), os.path.join(base, "b")
-        codes = [runner.start_new(_tiny_cfg(a), world),
-                 runner.resume(a, world, 5),
-                 runner.start_new(_tiny_cfg(b, "train.rounds=5"), world)]
+        codes = [start.start_new(_tiny_cfg(a), world),
+                 start.resume(a, world, 5),
+                 start.start_new(_tiny_cfg(b, "train.rounds=5"), world)]
         _agree(comm, codes == [0, 0, 0], f"exit codes {codes}")
         err = None
         if world.is_root:

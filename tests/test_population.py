@@ -15,7 +15,6 @@ import torch
 
 from helpers import (local_round_array, assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_rounds, describe,
                      final_model, read_metrics, run_cli, sets, write_tiny_config)
-from mpifedmeta.federation import block as blockmod
 from mpifedmeta.core import rng
 from mpifedmeta.federation import population
 from mpifedmeta.data import load_dataset
@@ -183,13 +182,13 @@ def _world():
 
 
 def _synthetic_setup(N, overrides=()):
-    from mpifedmeta.run import config, runner
+    from mpifedmeta.run import config, session
     cfg = config.load(None, ["data.dataset=\"synthetic\"", f"data.num_agents={N}", "data.holdout_agents=10",
                              "data.synthetic_max_samples=80", "eval.agents=20", "eval.holdout_agents=5",
                              "train.agents_per_round=6", "model.name=\"linear\"", "train.local_steps=2",
                              "eval.finetune_steps=[0,1]", "output.dir=\"/nonexistent/never-written\""] + list(overrides))
     threads = torch.get_num_threads()
-    s = runner.setup(cfg, _world())
+    s = session.setup(cfg, _world())
     torch.set_num_threads(threads)
     return s
 
@@ -206,40 +205,38 @@ def test_setup_memory_does_not_grow_with_the_population():
 
 def test_agents_generated_per_round_are_the_cohort_and_per_evaluation_the_evaluated(monkeypatch):
     from mpifedmeta.federation import algorithm
-    from mpifedmeta.run import runner
     s = _synthetic_setup(10**6)
-    params = runner.initial_params(s)
+    params = s.w0
     made = []
     real = S.generate
     monkeypatch.setattr(S, "generate", lambda spec, ids: made.append(np.asarray(ids).copy()) or real(spec, ids))
     for r in (1, 2):
         cohort = rng.cohort(s.cfg.train.seed, r, s.num_train, 6)
-        w = algorithm.cohort_weights(cohort, s.train_counts, "samples")
-        algorithm.local_round(s.backend, runner.cohort_block(s, cohort), params, s.spec, r, cohort, w)
+        w = algorithm.cohort_weights(cohort, s.population.train_counts, "samples")
+        algorithm.local_round(s.round.backend, s.round.agents.for_round(cohort), params, s.round.spec, r, cohort, w)
         assert np.array_equal(made[-1], cohort)
     made.clear()
-    row = runner.evaluate(s, params, 0)
-    assert np.array_equal(np.sort(np.concatenate(made)), np.concatenate([s.eval_train_ids, s.holdout_ids]))
+    row = s.round.evaluate(params, 0)
+    assert np.array_equal(np.sort(np.concatenate(made)), np.concatenate([s.round.evals.train_ids, s.round.evals.holdout_ids]))
     assert row["train_agent_acc"].shape == (2, 20) and row["holdout_agent_acc"].shape == (2, 5)
-    assert s.holdout_ids.min() >= s.num_train and len(np.unique(s.eval_train_ids)) == 20
+    assert s.round.evals.holdout_ids.min() >= s.num_train and len(np.unique(s.round.evals.train_ids)) == 20
 
 
 def test_round_does_not_depend_on_how_the_cohort_is_shared():
     """The mechanism behind rank independence: any split of a cohort into built blocks gives the same limbs."""
     from mpifedmeta.federation import algorithm
-    from mpifedmeta.run import runner
     for batch in ("8", "\"full\""):
         s = _synthetic_setup(10**5, [f"train.batch_size={batch}", "train.weighting=\"samples\""])
-        params = runner.initial_params(s)
+        params = s.w0
         cohort = rng.cohort(0, 1, s.num_train, 6)
-        w = algorithm.cohort_weights(cohort, s.train_counts, "samples")
+        w = algorithm.cohort_weights(cohort, s.population.train_counts, "samples")
         widths = population.widths(s.population, cohort)
         sums = []
         for P in (1, 2, 3, 6):
             total = 0
             for r in range(P):
                 blk = s.population.build(population.share(cohort, r, P), s.device, s.dtype, widths)
-                limbs, bad = local_round_array(s.backend, blk, params, s.spec, 1, cohort, w)
+                limbs, bad = local_round_array(s.round.backend, blk, params, s.round.spec, 1, cohort, w)
                 assert bad == 0
                 total = total + limbs
             sums.append(total)
@@ -247,42 +244,39 @@ def test_round_does_not_depend_on_how_the_cohort_is_shared():
 
 
 def test_a_rank_with_no_share_of_the_cohort_contributes_nothing():
-    from mpifedmeta.federation import algorithm
-    from mpifedmeta.run import runner
     s = _synthetic_setup(1000)
-    params = runner.initial_params(s)
+    params = s.w0
     blk = s.population.build(np.zeros(0, dtype=np.int64), s.device, s.dtype, (5, 2))
     assert blk.num_agents == 0
-    limbs, bad = local_round_array(s.backend, blk, params, s.spec, 1, np.array([3, 9]), np.array([1, 1]))
+    limbs, bad = local_round_array(s.round.backend, blk, params, s.round.spec, 1, np.array([3, 9]), np.array([1, 1]))
     assert bad == 0 and not limbs.any()
 
 
 def test_stored_partition_can_evaluate_a_sample_of_its_holdout_agents():
-    from mpifedmeta.run import config, runner
+    from mpifedmeta.run import config, session
     cfg = config.load(None, ["data.num_agents=30", "data.holdout_agents=10", "eval.holdout_agents=4",
                              "eval.agents=5", "output.dir=\"/nonexistent/never-written\""])
     threads = torch.get_num_threads()
-    s = runner.setup(cfg, _world())
+    s = session.setup(cfg, _world())
     torch.set_num_threads(threads)
-    assert len(s.holdout_ids) == 4 and s.holdout_ids.min() >= 20 and len(np.unique(s.holdout_ids)) == 4
-    assert len(s.eval_train_ids) == 5 and s.eval_train_ids.max() < 20
-    row = runner.evaluate(s, runner.initial_params(s), 0)
+    assert len(s.round.evals.holdout_ids) == 4 and s.round.evals.holdout_ids.min() >= 20 and len(np.unique(s.round.evals.holdout_ids)) == 4
+    assert len(s.round.evals.train_ids) == 5 and s.round.evals.train_ids.max() < 20
+    row = s.round.evaluate(s.w0, 0)
     assert row["holdout_agent_acc"].shape[1] == 4 and row["train_agent_acc"].shape[1] == 5
 
 
 def test_stationarity_of_a_generated_population_visits_every_training_agent():
-    from mpifedmeta.run import runner
     values = []
     for chunk in (7, 64):
         s = _synthetic_setup(40, ["eval.stationarity=true", f"eval.chunk={chunk}", "train.dtype=\"float64\""])
-        row = runner.evaluate(s, runner.initial_params(s), 0)
+        row = s.round.evaluate(s.w0, 0)
         values.append((row["meta_loss_full"], row["grad_norm_sq"]))
     assert np.isfinite(values[0]).all() and np.allclose(values[0], values[1], rtol=1e-10)
     # independent reference: F(w) = (1/30) Σ_k f_k(w − α∇f_k(w)) over the 30 training agents' full
     # training splits, regenerated here, with plain autograd (ν = 1)
     from mpifedmeta.core import reference
     spec = s.population.spec
-    w = s.layout.split(runner.initial_params(s))
+    w = s.layout.split(s.w0)
     loss = reference.make_loss(s.model)
     total = 0.0
     for k in range(30):

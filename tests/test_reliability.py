@@ -7,7 +7,6 @@ under an address-space limit so that a regression fails the test instead of the 
 
 import errno
 import hashlib
-import json
 import os
 import resource
 import shutil
@@ -24,9 +23,9 @@ import numpy as np
 import pytest
 
 from helpers import (BIN, REPO, TIMEOUT, arrays_identical, assert_models_identical, assert_ok, assert_one_error_line,
-                     checkpoint_path, checkpoint_rounds, cli_env, copy_run, describe, file_hashes, final_model,
+                     checkpoint_path, checkpoint_rounds, cli_env, copy_run, describe, final_model,
                      mpiexec_command, mpifedmeta_cmd, read_metrics, run_cli, sets, write_tiny_config)
-from mpifedmeta.storage import io, lock
+from mpifedmeta.storage import checkpoint, files, lock, metrics
 from mpifedmeta.data import DataError, load_dataset
 
 R = 6
@@ -52,8 +51,8 @@ def snapshot(root):
     command must change neither. The lock file is compared by content only (taking the lock
     writes the holder into it; releasing it empties it again)."""
     out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
+    for dirpath, _, names in os.walk(root):
+        for name in names:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             digest = "fifo"
@@ -180,8 +179,8 @@ def _dtype_wrong(out):
 
 
 def _metrics_short(out):
-    with h5py.File(io.metrics_path(out), "r+") as f:
-        for name in io.TRAIN_COLUMNS:
+    with h5py.File(metrics.path_of(out), "r+") as f:
+        for name in metrics.TRAIN_COLUMNS:
             f["train"][name].resize(2, axis=0)
     return "rounds 1..4"
 
@@ -310,7 +309,7 @@ def test_injected_disk_full_exits_5_and_keeps_the_previous_checkpoint(np_, cfg_p
     assert "Traceback" not in proc.stderr
     assert _no_temp_files(out) == []
     assert checkpoint_rounds(out) == [0, 2]
-    _, params, _, _ = io.read_checkpoint(checkpoint_path(out, 2))        # intact
+    _, params, _, _ = checkpoint.read(checkpoint_path(out, 2))        # intact
     assert read_metrics(out)["train/round"].tolist() == [1, 2, 3, 4]    # rows before the checkpoint, resume cuts them
     assert_ok(run_cli(["resume", out]))
     assert_models_identical(final_model(finished), final_model(out), "resumed after disk full vs straight")
@@ -336,7 +335,7 @@ def test_disk_full_on_a_small_tmpfs(cfg_path, tmp_path):
         line = assert_one_error_line(proc, 5, "no space left on tmpfs", str(mnt))
         assert _no_temp_files(out) == []
         last = checkpoint_rounds(out)[-1]
-        assert last > 0 and io.read_checkpoint(checkpoint_path(out, last))[0] == last
+        assert last > 0 and checkpoint.read(checkpoint_path(out, last))[0] == last
         print(f"\n{line} (after round {last})")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
@@ -357,8 +356,8 @@ def test_stale_temp_files_of_dead_runs_are_removed_at_resume(cut):
 
 def test_disk_full_error_is_one_line_naming_device_and_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MPIFEDMETA_INJECT_ENOSPC", "round_000001")
-    with pytest.raises(io.DiskFull) as e:
-        io.write_checkpoint(str(tmp_path), 1, {"w": np.zeros(3, np.float32)}, "{}", {}, keep=2)
+    with pytest.raises(files.DiskFull) as e:
+        checkpoint.write(str(tmp_path), 1, {"w": np.zeros(3, np.float32)}, "{}", {}, keep=2)
     assert e.value.errno == errno.ENOSPC
     assert str(e.value).startswith("no space left on ") and "(mounted on " in str(e.value)
     assert str(e.value).endswith(checkpoint_path(str(tmp_path), 1)) and "\n" not in str(e.value)
@@ -422,14 +421,14 @@ def _ckpt_model_not_group(out):
 
 
 def _metrics_round_not_dataset(out):
-    with h5py.File(io.metrics_path(out), "r+") as f:
+    with h5py.File(metrics.path_of(out), "r+") as f:
         del f["train/round"]
         f["train"].create_group("round")
     return "train/round is missing or not a table column"
 
 
 def _metrics_config_not_json(out):
-    with h5py.File(io.metrics_path(out), "r+") as f:
+    with h5py.File(metrics.path_of(out), "r+") as f:
         f.attrs["config"] = "[1, 2"
     return "not valid JSON"
 
@@ -441,8 +440,8 @@ def _ckpt_fifo(out):
 
 
 def _metrics_fifo(out):
-    os.remove(io.metrics_path(out))
-    _fifo(io.metrics_path(out))
+    os.remove(metrics.path_of(out))
+    _fifo(metrics.path_of(out))
     return "not a regular file"
 
 
@@ -499,7 +498,7 @@ def test_second_quick_signal_keeps_exit_3(sig, cfg_path, tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 3, f"exit {proc.returncode}"
-    assert io.read_checkpoint(checkpoint_path(out, checkpoint_rounds(out)[-1]))[0] == checkpoint_rounds(out)[-1]
+    assert checkpoint.read(checkpoint_path(out, checkpoint_rounds(out)[-1]))[0] == checkpoint_rounds(out)[-1]
 
 
 # --------------------------------------------------------------------------- 9. the MPI launcher
@@ -573,33 +572,33 @@ def _mpi_world():
 
 @pytest.mark.mpi
 def test_agreed_gives_every_rank_the_same_outcome():
-    from mpifedmeta.run import runner
+    from mpifedmeta.run import protocol
     from mpifedmeta.run.config import ConfigError
     world = _mpi_world()
-    assert runner.agreed(world, lambda: world.rank) == world.rank
-    assert runner.agreed(world, lambda: "root", root_only=True) == ("root" if world.is_root else None)
+    assert protocol.agreed(world, lambda: world.rank) == world.rank
+    assert protocol.agreed(world, lambda: "root", root_only=True) == ("root" if world.is_root else None)
 
     def full():
-        raise io.DiskFull(errno.ENOSPC, "no space left on /dev/x (mounted on /x) while writing /x/metrics.h5")
-    with pytest.raises(io.DiskFull, match="while writing /x/metrics.h5"):
-        runner.agreed(world, full, root_only=True, errors=())
+        raise files.DiskFull(errno.ENOSPC, "no space left on /dev/x (mounted on /x) while writing /x/metrics.h5")
+    with pytest.raises(files.DiskFull, match="while writing /x/metrics.h5"):
+        protocol.agreed(world, full, root_only=True, errors=())
 
     def bad_on_last():
         if world.rank == world.size - 1:
             raise ConfigError("train.nu = -1: must be >= 0")
-    with pytest.raises(runner.BadInput, match="train.nu"):
-        runner.agreed(world, bad_on_last)
+    with pytest.raises(protocol.BadInput, match="train.nu"):
+        protocol.agreed(world, bad_on_last)
 
 
 @pytest.mark.mpi
 def test_output_lock_held_refuses_on_every_rank():
     import tempfile
-    from mpifedmeta.run import runner
+    from mpifedmeta.run import protocol, runner
     world = _mpi_world()
     base = world.comm.bcast(tempfile.mkdtemp(prefix="mpifedmeta-lock-") if world.is_root else None, root=0)
     try:
         with runner.output_lock(world, base):
-            with pytest.raises(runner.BadInput, match="in use by another mpifedmeta run"):
+            with pytest.raises(protocol.BadInput, match="in use by another mpifedmeta run"):
                 with runner.output_lock(world, base):       # a second open file description: refused
                     pass
         with runner.output_lock(world, base):               # released: free again

@@ -18,7 +18,7 @@ import pytest
 from helpers import (TIMEOUT, assert_models_identical, assert_ok, assert_one_error_line, arrays_identical,
                      checkpoint_path, checkpoint_rounds, cli_env, copy_run, describe, file_hashes, final_model,
                      mpifedmeta_cmd, read_metrics, run_cli, sets, write_tiny_config)
-from mpifedmeta.storage import io
+from mpifedmeta.storage import checkpoint, metrics
 
 R = 6
 BASE = sets(eval__every=2, output__checkpoint_every=1, output__keep=2)
@@ -107,7 +107,7 @@ def test_resume_of_finished_run_is_a_no_op(straight, tmp_path):
     # a crash can leave '.round_NNNNNN.h5.tmp-PID' behind: never taken for a checkpoint
     with open(os.path.join(out, "checkpoints", ".round_000009.h5.tmp-12345"), "wb") as fh:
         fh.write(b"half written")
-    assert io.list_checkpoints(out)[-1][0] == R
+    assert checkpoint.list_all(out)[-1][0] == R
     before = file_hashes(out)
     proc = run_cli(["resume", out])
     assert_ok(proc)
@@ -238,7 +238,7 @@ def test_divergence_exits_4_and_keeps_a_finite_checkpoint(beta, nprocs, cfg_path
     r = int(re.search(r"diverged in round (\d+)", proc.stderr).group(1))
     rounds = checkpoint_rounds(out)
     assert rounds[-1] == r - 1, (rounds, r)
-    round_, params, _, _ = io.read_checkpoint(checkpoint_path(out, rounds[-1]))
+    round_, params, _, _ = checkpoint.read(checkpoint_path(out, rounds[-1]))
     assert round_ == r - 1
     assert all(np.all(np.isfinite(v)) and np.all(np.abs(v) < 65536) for v in params.values())
     m = read_metrics(out)
@@ -327,7 +327,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(straight, tmp_path
     out = copy_run(straight, str(tmp_path / "w"))
     last = checkpoint_rounds(out)[-1]
     path = checkpoint_path(out, last)
-    round_, params, cfg_json, attrs = io.read_checkpoint(path)
+    round_, params, cfg_json, attrs = checkpoint.read(path)
     before = file_hashes(out)
     calls = []
 
@@ -338,21 +338,21 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(straight, tmp_path
     monkeypatch.setattr(os, "replace", boom)
     changed = {k: v + 1 for k, v in params.items()}
     with pytest.raises(OSError):
-        io.write_checkpoint(out, last, changed, cfg_json, {"wall_time": 9.0}, keep=2)       # overwrite
+        checkpoint.write(out, last, changed, cfg_json, {"wall_time": 9.0}, keep=2)       # overwrite
     with pytest.raises(OSError):
-        io.write_checkpoint(out, last + 1, changed, cfg_json, {"wall_time": 9.0}, keep=2)   # a new round
+        checkpoint.write(out, last + 1, changed, cfg_json, {"wall_time": 9.0}, keep=2)   # a new round
     monkeypatch.undo()
     assert calls == [path, checkpoint_path(out, last + 1)]
     assert file_hashes(out) == before                     # nothing replaced, nothing pruned
     assert _no_temp_files(out) == []
-    r2, p2, c2, _ = io.read_checkpoint(path)
+    r2, p2, c2, _ = checkpoint.read(path)
     assert r2 == round_ and c2 == cfg_json
     assert_models_identical(params, p2)
 
 
 def test_interrupted_metrics_append_keeps_the_previous_file(straight, tmp_path, monkeypatch):
     out = copy_run(straight, str(tmp_path / "w"))
-    train, ev = io.read_table(out, "train"), io.read_table(out, "eval")
+    train, ev = metrics.read(out, tables=True).tables["train"], metrics.read(out, tables=True).tables["eval"]
     train_row = {k: v[-1] for k, v in train.items()}
     train_row["round"] = int(train["round"][-1]) + 1
     eval_row = {k: v[-1] for k, v in ev.items() if not k.endswith("_ids")}
@@ -366,16 +366,16 @@ def test_interrupted_metrics_append_keeps_the_previous_file(straight, tmp_path, 
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        io.append_metrics(out, [train_row], [eval_row])
+        metrics.append(out, [train_row], [eval_row])
     with pytest.raises(OSError):
-        io.truncate_metrics(out, 2)
+        metrics.truncate(out, 2)
     monkeypatch.undo()
-    assert calls == [io.metrics_path(out)] * 2
+    assert calls == [metrics.path_of(out)] * 2
     assert file_hashes(out) == before
     assert _no_temp_files(out) == []
-    assert io.read_table(out, "train")["round"].tolist() == list(range(1, R + 1))
+    assert metrics.read(out, tables=True).tables["train"]["round"].tolist() == list(range(1, R + 1))
     # and with a working rename the same append succeeds
-    io.append_metrics(out, [train_row], [eval_row])
-    assert io.read_table(out, "train")["round"].tolist() == list(range(1, R + 2))
-    assert io.read_table(out, "eval")["round"].tolist()[-1] == R + 1
+    metrics.append(out, [train_row], [eval_row])
+    assert metrics.read(out, tables=True).tables["train"]["round"].tolist() == list(range(1, R + 2))
+    assert metrics.read(out, tables=True).tables["eval"]["round"].tolist()[-1] == R + 1
     assert _no_temp_files(out) == []

@@ -21,7 +21,6 @@ from mpifedmeta.engine import backends
 from mpifedmeta.run import config
 from mpifedmeta.core import metagrad as mg
 from mpifedmeta.core import reference
-from mpifedmeta.core.layout import ParamLayout
 import engine_api as api
 from mpifedmeta.data import DataError, load_dataset
 from mpifedmeta.models import build_model, param_dict

@@ -32,7 +32,6 @@ import torch
 from mpifedmeta.core.losses import cross_entropy
 
 STRATEGIES = ("stacked", "vmap", "chunked", "loop")
-CAPTURES = ("off", "compile", "cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -47,17 +46,6 @@ class MetaSpec:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"metagrad must be one of {METHODS}, got {self.method!r}")
-
-
-def capture_mode(value) -> str:
-    """train.compile as a capture mode: false → "off", true → "compile", or the string itself."""
-    if value is True:
-        return "compile"
-    if value is False or value is None:
-        return "off"
-    if value not in CAPTURES:
-        raise ValueError(f"train.compile must be true, false or one of {', '.join(CAPTURES)}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- the flavours
@@ -161,24 +149,6 @@ def block_meta_gradients(backend, theta: Tensors, X, Y, idx, mask, meta: MetaSpe
     return meta_gradients(backend, theta, gather(X, Y, idx, mask), meta)
 
 
-def local_update(backend, theta: torch.Tensor, X, Y, idx, mask, meta: MetaSpec, beta: float,
-                 capture: str = "off") -> tuple[torch.Tensor, torch.Tensor]:
-    """τ chained local meta-steps w ← w − β·∇̃F_i(w) for a block of agents, IN PLACE on ``theta``.
-
-    ``theta``: the flat starting models (B, d), a tensor the caller owns (updated in place through
-    ``backend.layout.views`` and returned); ``idx``/``mask``: (B, τ, slots, b), one set of independent batches per local step.
-    Returns (the final local models, the meta-losses (B, τ)). ``capture`` ("compile" |
-    "cudagraphs") runs the whole local round captured (see capture.py); it falls back to eager
-    execution, with a one-line notice, wherever capture is not possible.
-    """
-    if capture != "off":
-        from mpifedmeta.engine import capture as cap
-        out = cap.local_update(backend, theta, X, Y, idx, mask, meta, beta, capture)
-        if out is not None:
-            return out
-    return local_update_eager(backend, theta, X, Y, idx, mask, meta, beta)
-
-
 ROUND_GATHER_BYTES = 64 << 20   # gather a whole local round at once below this size, else step by step
 
 
@@ -197,9 +167,15 @@ def round_steps(X, Y, idx, mask):
     return lambda t: gather(X, Y, idx[:, t], mask[:, t])
 
 
-def local_update_eager(backend, theta: torch.Tensor, X, Y, idx, mask, meta: MetaSpec,
-                       beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`local_update` without capture."""
+def local_update(backend, theta: torch.Tensor, X, Y, idx, mask, meta: MetaSpec,
+                 beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """τ chained local meta-steps w ← w − β·∇̃F_i(w) for a block of agents, IN PLACE on ``theta``.
+
+    ``theta``: the flat starting models (B, d), a tensor the caller owns (updated in place through
+    ``backend.layout.views`` and returned); ``idx``/``mask``: (B, τ, slots, b), one set of
+    independent batches per local step. Returns (the final local models, the meta-losses (B, τ)).
+    (engine/compiled.py runs the same function captured by torch.compile or CUDA graphs.)
+    """
     steps = round_steps(X, Y, idx, mask)
     params, losses = backend.layout.views(theta), []
     for t in range(idx.shape[1]):

@@ -1,1 +1,1 @@
-"""How a block's meta-gradients are computed: backends, their choice, capture, agent chunks."""
+"""How a block's meta-gradients are computed: backends, their choice, compiled rounds, agent chunks."""

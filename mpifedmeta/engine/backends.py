@@ -30,7 +30,6 @@ import copy
 import torch
 from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 
-from mpifedmeta.core import metagrad
 from mpifedmeta.core.layout import ParamLayout
 from mpifedmeta.core.losses import masked_mean_ce
 from mpifedmeta.models.lift import lift

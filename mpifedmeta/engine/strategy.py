@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from mpifedmeta.core import metagrad
+from mpifedmeta.parallel import devices
 from mpifedmeta.engine import backends, chunks
 from mpifedmeta.federation import algorithm
 
@@ -51,12 +52,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-PREFERENCE_MARGIN = 0.10   # another candidate must be >10% faster than the default to be chosen (timing noise)
+PREFERENCE_MARGIN = 0.03   # within 3% of the default (timing noise), the default is kept
 
 
 def pick(seconds: dict) -> str:
-    """The fastest candidate, but the default (stacked if timed, else vmap) unless another one beats
-    it by more than the margin."""
+    """The fastest candidate; the default (stacked if timed, else vmap) when the fastest is not
+    more than 3% faster than it."""
     best = min(seconds, key=seconds.get)
     preferred = "stacked" if "stacked" in seconds else "vmap"
     if preferred in seconds and seconds[best] > (1 - PREFERENCE_MARGIN) * seconds[preferred]:
@@ -103,7 +104,15 @@ class NoStrategyFits(RuntimeError):
     """No candidate backend fits train.memory_budget (the message is one line)."""
 
 
-def choose(setting: str, model: torch.nn.Module, block, params: torch.Tensor, spec: algorithm.RoundSpec,
+def _one_meta_step(block, w: torch.Tensor, spec, agents: int):
+    """(agents B, the gathered batches of one meta-step, the broadcast models (B, d)) to time with."""
+    B = max(1, min(agents, block.num_agents))
+    ids = torch.arange(block.lo, block.lo + B, device=block.device)
+    idx, mask = algorithm.round_batches(block, dataclasses.replace(spec, local_steps=1), 0, ids, ids - block.lo)
+    return B, metagrad.gather(block.X_train, block.Y_train, idx[:, 0], mask[:, 0]), chunks.broadcast(w, B)
+
+
+def choose(setting: str, model: torch.nn.Module, block, w: torch.Tensor, spec: algorithm.RoundSpec,
            agents: int, chunk: int, memory_budget_mb: float, recorded: str | None,
            allgather: Callable[[object], list]) -> tuple[str, str]:
     """The strategy this run uses and a one-line description of how it was chosen.
@@ -119,12 +128,7 @@ def choose(setting: str, model: torch.nn.Module, block, params: torch.Tensor, sp
         name, desc = backends.resolve(recorded, model)
         return name, f"{desc} (recorded in the checkpoint)"
     cands = [c for c in CANDIDATES if c != "stacked" or backends.has_stacked_form(model)]
-    B = max(1, min(agents, block.num_agents))
-    ids = torch.arange(block.lo, block.lo + B, device=block.device)
-    one = dataclasses.replace(spec, local_steps=1)
-    idx, mask = algorithm.round_batches(block, one, 0, ids, ids - block.lo)
-    batches = metagrad.gather(block.X_train, block.Y_train, idx[:, 0], mask[:, 0])
-    theta = chunks.broadcast(params, B)
+    B, batches, theta = _one_meta_step(block, w, spec, agents)
 
     def step(cand: str, chunk_: int) -> None:
         backend = backends.make(model, cand, chunk_)
@@ -138,3 +142,51 @@ def choose(setting: str, model: torch.nn.Module, block, params: torch.Tensor, sp
                              f"({'; '.join(f'{c}: {w}' for c, w in mine.skipped.items())})")
     mine.strategy = pick({c: max(sec[c] for sec, _ in every) for c in usable})
     return mine.strategy, f"auto -> {mine.describe()}"
+
+
+CHUNK_SIZES = (16, 8, 4)          # train.agent_chunk = "auto" on the CPU: the sizes timed against no chunking
+CHUNK_MARGIN = 0.05               # a chunk size must be >5% faster than none to be chosen
+
+
+def choose_agent_chunk(setting, device_type: str, recorded: int | None, backend, block, w: torch.Tensor, spec,
+                       agents: int, allgather: Callable[[object], list]) -> tuple[int, str]:
+    """train.agent_chunk: an integer as is; "auto": 32 on CUDA (fixed kernel shapes for any number of
+    ranks), the recorded value on resume, else on the CPU the fastest of no chunking and
+    CHUNK_SIZES for one meta-step of this rank's agents (cache-sized blocks: a block's models
+    stop fitting in cache long before one agent's do). Returns (size, a short description)."""
+    if setting != "auto":
+        return int(setting), str(setting)
+    if device_type == "cuda":
+        return devices.AUTO_AGENT_CHUNK_CUDA, f"{devices.AUTO_AGENT_CHUNK_CUDA} (auto on CUDA)"
+    if recorded is not None:
+        return int(recorded), f"{int(recorded)} (recorded in the checkpoint)"
+    B, (xs, ys, ms), theta = _one_meta_step(block, w, spec, agents)
+    sizes = [0] + [c for c in CHUNK_SIZES if c < B]
+    if len(sizes) == 1:
+        return 0, "0 (auto: a block of at most 4 agents)"
+
+    def step(size: int, _chunk: int) -> None:
+        for a, b in chunks.spans(B, size):
+            metagrad.meta_gradients(backend, backend.layout.views(theta[a:b]), (xs[:, a:b], ys[:, a:b], ms[:, a:b]),
+                                    spec.meta)
+
+    seconds = {}
+    for size in sizes:
+        seconds[size] = _best_of(lambda: step(size, 0), block.device)
+    slowest = {c: max(sec[c] for sec in allgather(seconds)) for c in sizes}
+    best = min(slowest, key=slowest.get)
+    chosen = best if slowest[best] < (1 - CHUNK_MARGIN) * slowest[0] else 0
+    timed = ", ".join(f"{c or 'none'}: {1e3 * t:.1f} ms" for c, t in slowest.items())
+    return chosen, f"{chosen} (auto: {timed})"
+
+
+def _best_of(fn, device: torch.device, repeats: int = 3) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best

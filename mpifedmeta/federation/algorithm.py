@@ -1,9 +1,10 @@
-"""One round of the ν-step FedAvg variant and the personalized evaluation, for one block of agents.
+"""One round of the ν-step FedAvg variant and the personalized evaluation: everything a round does.
 
-A round is :func:`local_round` on every rank (the block's exactly-summed contribution as int64)
-followed by :func:`aggregate`, the server step (one Allreduce through dist, decode, new global
-model). The global model is a flat tensor w (d,) (layout.py). Evaluation returns per-agent rows
-the caller gathers.
+:class:`Round` is the round: (1) the cohort, drawn from (seed, round) identically on every rank,
+and its integer weights; (2) :func:`local_round`, the τ local meta-steps of this rank's share of
+the cohort, exactly summed as int64; (3) :func:`server_step`, one Allreduce and the new global
+model. :meth:`Round.evaluate` gives the personalized metrics of the evaluated agents. The global
+model is a flat tensor w (d,) (core/layout.py).
 """
 
 from __future__ import annotations
@@ -16,21 +17,47 @@ import torch
 from torch.profiler import record_function
 
 from mpifedmeta.core import exactsum, metagrad, rng
-from mpifedmeta.engine import chunks
+from mpifedmeta.engine import chunks, compiled
 from mpifedmeta.parallel import dist
 from mpifedmeta.federation.block import AgentBlock, padded_rows
 
 
 @dataclass(frozen=True)
 class RoundSpec:
-    """The training hyper-parameters a round needs (plain values, no config object)."""
+    """Every hyper-parameter of a round (plain values, no config object)."""
     seed: int
+    num_train: int              # the training agents 0 .. num_train − 1 the cohort is drawn from
+    agents_per_round: int
+    weighting: str              # uniform | samples
     local_steps: int
     beta: float
     batch_size: int | str
     meta: metagrad.MetaSpec
-    capture: str = "off"        # whole-local-round capture: off | compile | cudagraphs
+    compile: str = "off"        # train.compile: off | compile | cudagraphs
     agent_chunk: int = 0        # agents per batched call, last chunk padded (0 = the whole block at once)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluation computes: the evaluated agents, the k's, α, batching, the diagnostic."""
+    train_ids: np.ndarray
+    holdout_ids: np.ndarray
+    finetune_steps: tuple[int, ...]
+    alpha: float
+    chunk: int
+    stationarity: bool
+    nu: int
+
+
+@dataclass
+class RoundResult:
+    """A finished round: the new global model (None when it diverged), the weighted mean meta-loss,
+    how many local-model chunks left the range, this rank's compute time and the Allreduce's."""
+    w: torch.Tensor | None
+    meta_loss: float
+    bad: int
+    compute_time: float
+    timings: dict
 
 
 def cohort_weights(cohort: np.ndarray, train_counts, weighting: str) -> np.ndarray:
@@ -90,8 +117,8 @@ def local_round(backend, block: AgentBlock, w: torch.Tensor, spec: RoundSpec, ro
     loss_terms = []
     for a, b, (i,), (m,) in chunks.each(B, spec.agent_chunk, (idx,), (mask,)):
         with record_function("mpifedmeta.local_update"):
-            theta, losses = metagrad.local_update(backend, chunks.broadcast(w, i.shape[0]), block.X_train,
-                                                  block.Y_train, i, m, spec.meta, spec.beta, spec.capture)
+            theta, losses = compiled.local_update(spec.compile, backend, chunks.broadcast(w, i.shape[0]), block.X_train,
+                                                  block.Y_train, i, m, spec.meta, spec.beta)
         with record_function("mpifedmeta.exact_sum"):
             q, bad = exactsum.encode_displacements(theta[:b - a], w, scale[a:b].to(w.dtype))
         sums.displacements += q
@@ -101,31 +128,28 @@ def local_round(backend, block: AgentBlock, w: torch.Tensor, spec: RoundSpec, ro
     return sums
 
 
-def aggregate(world: dist.World, stage: dist.HostStage, sums: BlockSums, flags: list[int], w: torch.Tensor,
-              total_weight: int) -> tuple[torch.Tensor | None, float, list[int], dict]:
-    """The FedAvg server step: one SUM Allreduce of [the ranks' sums, bad count, ``flags``], then decode.
+def server_step(world: dist.World, stage: dist.HostStage, sums: BlockSums, w: torch.Tensor,
+                total_weight: int) -> tuple[torch.Tensor | None, float, int, dict]:
+    """The FedAvg server step: one SUM Allreduce of every rank's sums, then the new global model.
 
-    ``flags`` are host ints (e.g. a stop request) summed alongside; the device values reach the
-    host in one copy into ``stage``'s reused buffer. Returns (the new flat global model, typed and
-    placed like ``w`` — None when a local model left the range anywhere —, the weighted mean
-    meta-loss (nan then), the summed [bad chunks, *flags], {"allreduce_time", "bytes_allreduced"}).
-    """
+    The device values reach the host in one copy into ``stage``'s reused buffer. Returns (the new
+    flat global model, typed and placed like ``w`` — None when a local model left the range
+    anywhere —, the weighted mean meta-loss (nan then), the bad count, {"allreduce_time",
+    "bytes_allreduced"})."""
     t0 = time.perf_counter()
     local = torch.cat([sums.displacements, sums.loss.reshape(-1), sums.bad.reshape(1)])
     with record_function("mpifedmeta.allreduce"):
-        buf = stage.allreduce(world, local, np.asarray(flags, dtype=np.int64))
+        buf = stage.allreduce(world, local)
     timings = {"allreduce_time": time.perf_counter() - t0, "bytes_allreduced": buf.nbytes}
-    d, n = w.numel(), 1 + len(flags)
-    summed = [int(v) for v in buf[-n:]]
-    if summed[0]:
-        return None, float("nan"), summed, timings
+    d, bad = w.numel(), int(buf[-1])
+    if bad:
+        return None, float("nan"), bad, timings
     w64 = w.detach().to(torch.float64).cpu().numpy()
     new = exactsum.decode_displacements(buf[:d], w64, exactsum.grid_bits(total_weight), total_weight)
     if not np.all(np.abs(new) < exactsum.LIMIT):
-        summed[0] = int(np.sum(~(np.abs(new) < exactsum.LIMIT)))
-        return None, float("nan"), summed, timings
+        return None, float("nan"), int(np.sum(~(np.abs(new) < exactsum.LIMIT))), timings
     meta_loss = float(exactsum.decode(buf[d:d + 2].reshape(2, 1))[0])
-    return torch.as_tensor(new, dtype=w.dtype).to(w.device), meta_loss, summed, timings
+    return torch.as_tensor(new, dtype=w.dtype).to(w.device), meta_loss, 0, timings
 
 
 def _eval_chunk(agent_chunk: int, chunk: int) -> tuple[int, bool]:
@@ -178,3 +202,67 @@ def stationarity_block(backend, block: AgentBlock, w: torch.Tensor, num_train: i
                           + [value[:b - a].to(torch.float64)[:, None]], dim=1)
         total += exactsum.encode_sum(terms / num_train)
     return total
+
+
+class Round:
+    """One round of the algorithm on this rank, and the evaluation: set up once, called every round.
+
+    ``agents``: federation.population.RankAgents (the blocks this rank computes on);
+    ``train_counts``: training samples per agent id (indexable by an id array)."""
+
+    def __init__(self, spec: RoundSpec, evals: EvalSpec, backend, agents, train_counts, world: dist.World,
+                 stage: dist.HostStage):
+        self.spec, self.evals, self.backend, self.agents = spec, evals, backend, agents
+        self.train_counts, self.world, self.stage = train_counts, world, stage
+
+    def run(self, w: torch.Tensor, round_: int) -> RoundResult:
+        s = self.spec
+        # 1. the cohort (the same on every rank) and its integer weights
+        cohort = rng.cohort(s.seed, round_, s.num_train, s.agents_per_round)
+        weights = cohort_weights(cohort, self.train_counts, s.weighting)
+        # 2. the τ local meta-steps of this rank's share, exactly summed
+        t0 = time.perf_counter()
+        sums = local_round(self.backend, self.agents.for_round(cohort), w, s, round_, cohort, weights)
+        if w.is_cuda:
+            torch.cuda.synchronize(w.device)
+        compute = time.perf_counter() - t0
+        # 3. the server step: one Allreduce, the new global model
+        new, meta_loss, bad, timings = server_step(self.world, self.stage, sums, w, int(weights.sum()))
+        return RoundResult(new, meta_loss, bad, compute, timings)
+
+    def evaluate(self, w: torch.Tensor, round_: int) -> dict | None:
+        """Personalized metrics of every evaluated agent; the row for metrics.h5 on rank 0 (else None)."""
+        e = self.evals
+        ks, ids = list(e.finetune_steps), np.concatenate([e.train_ids, e.holdout_ids])
+        rows = np.concatenate([np.zeros((0, 1 + 2 * len(ks)))] + [
+            evaluate_block(self.backend, blk, w, ids, ks, e.alpha, e.chunk, self.spec.agent_chunk)
+            for blk in self.agents.for_evaluation(ids)])
+        rows = dist.gather_rows(self.world, rows)
+        grad_norm_sq, meta_loss_full = self._stationarity(w) if e.stationarity else (float("nan"), float("nan"))
+        if not self.world.is_root:
+            return None
+        return eval_row(round_, rows, len(ks), self.spec.num_train, grad_norm_sq, meta_loss_full)
+
+    def _stationarity(self, w: torch.Tensor) -> tuple[float, float]:
+        """(‖∇F(w)‖², F(w)) over all training agents, exact, full local data."""
+        e, limbs = self.evals, torch.zeros(2, w.numel() + 1, dtype=torch.int64, device=w.device)
+        for blk in self.agents.for_stationarity():
+            limbs += stationarity_block(self.backend, blk, w, self.spec.num_train, e.nu, e.alpha, e.chunk,
+                                        self.spec.agent_chunk)
+        total = exactsum.decode(self.stage.allreduce(self.world, limbs).reshape(2, -1))
+        return float(np.dot(total[:-1], total[:-1])), float(total[-1])
+
+
+def eval_row(round_: int, rows: np.ndarray, K: int, num_train: int, grad_norm_sq: float,
+             meta_loss_full: float) -> dict:
+    """The gathered per-agent rows [id, loss_k…, acc_k…] as metrics.h5's evaluation row."""
+    rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    holdout = rows[:, 0] >= num_train
+    out = {"round": round_, "grad_norm_sq": grad_norm_sq, "meta_loss_full": meta_loss_full}
+    for name, sel in (("train", ~holdout), ("holdout", holdout)):
+        loss, acc = rows[sel, 1:1 + K], rows[sel, 1 + K:]
+        out[f"{name}_agent_loss"], out[f"{name}_agent_acc"] = loss.T.astype(np.float32), acc.T.astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            out[f"{name}_loss_mean"] = loss.mean(axis=0) if len(loss) else np.full(K, np.nan)
+            out[f"{name}_acc_mean"] = acc.mean(axis=0) if len(acc) else np.full(K, np.nan)
+    return out

@@ -170,5 +170,52 @@ def share(ids: np.ndarray, rank: int, size: int) -> np.ndarray:
     return np.asarray(ids)[rank::size]
 
 
-__all__ = ["StoredPopulation", "SyntheticPopulation", "VirtualPopulation", "CohortCounts", "make_population",
+class RankAgents:
+    """The blocks one rank computes on, for a round, an evaluation, the stationarity diagnostic and
+    the strategy timing: its resident block (stored partitions), or blocks of generated agents
+    built on demand from its even share (padded to widths of the whole set: rank-independent bits)."""
+
+    def __init__(self, population, block: AgentBlock | None, rank: int, size: int, device: torch.device,
+                 dtype: torch.dtype, eval_ids: np.ndarray, eval_chunk: int, num_train: int):
+        self.population, self.block, self.rank, self.size = population, block, rank, size
+        self.device, self.dtype, self.eval_chunk, self.num_train = device, dtype, eval_chunk, num_train
+        self.eval_widths = (1, 1) if block is not None else widths(population, eval_ids)
+
+    def _build(self, ids: np.ndarray, w: tuple[int, int]) -> AgentBlock:
+        return self.population.build(ids, self.device, self.dtype, w)
+
+    def for_round(self, cohort: np.ndarray) -> AgentBlock:
+        """The block a round runs on: the resident block, or this rank's share of the cohort."""
+        if self.block is not None:
+            return self.block
+        return self._build(share(cohort, self.rank, self.size), widths(self.population, cohort))
+
+    def for_evaluation(self, ids: np.ndarray):
+        """Blocks holding this rank's evaluated agents: the resident block, or built chunks of its share."""
+        if self.block is not None:
+            yield self.block
+            return
+        mine = share(ids, self.rank, self.size)
+        for start in range(0, len(mine), self.eval_chunk):
+            yield self._build(mine[start:start + self.eval_chunk], self.eval_widths)
+
+    def for_stationarity(self):
+        """Blocks covering all training agents once over the ranks (generated: chunk c on rank c mod P; O(N))."""
+        if self.block is not None:
+            yield self.block
+            return
+        chunk = self.eval_chunk
+        for c in range(self.rank, -(-self.num_train // chunk), self.size):
+            ids = np.arange(c * chunk, min((c + 1) * chunk, self.num_train), dtype=np.int64)
+            yield self._build(ids, widths(self.population, ids))
+
+    def for_timing(self, agents: int) -> AgentBlock:
+        """A block of at least ``agents`` agents (if there are) to time the strategies on."""
+        if self.block is not None:
+            return self.block
+        first = np.arange(min(agents, self.num_train), dtype=np.int64)
+        return self._build(first, widths(self.population, first))
+
+
+__all__ = ["RankAgents", "StoredPopulation", "SyntheticPopulation", "VirtualPopulation", "CohortCounts", "make_population",
            "GENERATED", "VIRTUAL", "widths", "share", "DataError"]

@@ -104,13 +104,19 @@ def to_grouped(h: torch.Tensor, B: int) -> torch.Tensor:
     Both conversions give contiguous tensors, forward and backward (and double backward): a
     transposed view's strides depend on B, and with them the kernels that a GEMM or a reduction on
     it picks — an agent's bits would depend on how many agents its rank holds. (Autograd's own
-    gradient of a transpose is such a view, hence the autograd functions where a graph is built.)"""
-    return _ToGrouped.apply(h, B) if h.requires_grad and torch.is_grad_enabled() else _grouped(h, B)
+    gradient of a transpose is such a view, hence the autograd functions where a graph is built.)
+    Under torch.compile the plain conversion is traced instead: measured with torch 2.13, it
+    miscompiles the double backward of these autograd functions (exact HVPs off by ~1e-2)."""
+    return _ToGrouped.apply(h, B) if _graph_built(h) else _grouped(h, B)
+
+
+def _graph_built(h: torch.Tensor) -> bool:
+    return h.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def to_stacked(h: torch.Tensor, B: int) -> torch.Tensor:
     """(n, B·C, *spatial) → (B, n, C, *spatial) (contiguous, see :func:`to_grouped`)."""
-    return _ToStacked.apply(h, B) if h.requires_grad and torch.is_grad_enabled() else _stacked(h, B)
+    return _ToStacked.apply(h, B) if _graph_built(h) else _stacked(h, B)
 
 
 def grouped_flatten(h: torch.Tensor, B: int) -> torch.Tensor:

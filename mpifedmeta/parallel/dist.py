@@ -160,29 +160,22 @@ class HostStage:
             self.host = torch.empty(n, dtype=self.dtype, pin_memory=self.device.type == "cuda")
         return self.host[:n].numpy()
 
-    def allreduce(self, world: World, tensor: torch.Tensor, extra: np.ndarray | None = None) -> np.ndarray:
-        """SUM over ranks of ``tensor`` (flattened) followed by ``extra`` host values: one device-to-host
-        copy, one Allreduce. Returns a view of the reduced buffer."""
+    def allreduce(self, world: World, tensor: torch.Tensor) -> np.ndarray:
+        """SUM over ranks of ``tensor`` (flattened): one device-to-host copy, one Allreduce.
+        Returns a view of the reduced buffer."""
         n = tensor.numel()
-        out = self.view(n + (0 if extra is None else len(extra)))
+        out = self.view(n)
         self.host[:n].copy_(tensor.reshape(-1))       # synchronous: the values are on the host after it
-        if extra is not None:
-            out[n:] = extra
         return allreduce_sum(world, out)
 
 
-def max_min(world: World, value: float) -> tuple[float, float]:
-    """The largest and the smallest of every rank's ``value`` (one 2-float MAX Allreduce)."""
-    buf = np.array([value, -value], dtype=np.float64)
+def round_status(world: World, compute_time: float, stop: bool) -> tuple[float, float, bool]:
+    """After a round, one tiny MAX Allreduce: the slowest and the fastest rank's compute time (load
+    imbalance told apart from communication) and whether any rank was asked to stop."""
+    buf = np.array([compute_time, -compute_time, float(stop)], dtype=np.float64)
     if world.size > 1:
         world.comm.Allreduce(_mpi().IN_PLACE, buf, op=_mpi().MAX)
-    return float(buf[0]), float(-buf[1])
-
-
-def allreduce_max_int(world: World, value: int) -> int:
-    if world.size == 1:
-        return value
-    return int(world.comm.allreduce(int(value), op=_mpi().MAX))
+    return float(buf[0]), float(-buf[1]), bool(buf[2])
 
 
 def gather_rows(world: World, rows: np.ndarray) -> np.ndarray | None:

@@ -11,7 +11,7 @@ import torch
 
 from mpifedmeta import __version__
 from mpifedmeta.parallel import devices, dist
-from mpifedmeta.storage import io
+from mpifedmeta.storage import hdf5
 
 
 def rank_line(world: dist.World, device: torch.device, record: dict) -> str:
@@ -46,7 +46,7 @@ def print_info(world: dist.World) -> int:
         return 2 if (err or map_err) else 0
     import numpy
     print(f"mpifedmeta {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
-          f"numpy {numpy.__version__}  h5py {io.h5py_version()}  mpi4py {dist.mpi4py_version()}")
+          f"numpy {numpy.__version__}  h5py {hdf5.h5py_version()}  mpi4py {dist.mpi4py_version()}")
     print(f"MPI: {dist.mpi_library()}")
     cuda = f"CUDA {torch.version.cuda}, " if torch.version.cuda else ""
     print(f"ranks: {world.size}   CUDA available: {torch.cuda.is_available()} "

@@ -1,6 +1,6 @@
 """``mpifedmeta report``: plots and a Markdown summary from one or more runs' ``OUT/metrics.h5``.
 
-The files are read by :func:`mpifedmeta.storage.io.read_run` (the one reader of the layout in
+The files are read by :func:`mpifedmeta.storage.metrics.read` (the one reader of the layout in
 ``docs/hdf5-layout.md``); :mod:`.tables` writes the Markdown tables, :mod:`.plots` the images
 (matplotlib is imported only when drawing). Every file is written atomically.
 """
@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from mpifedmeta.storage import io
+from mpifedmeta.storage import files, hdf5, metrics
 from mpifedmeta.storage.results import RunMetrics
 from . import plots
 from .tables import experiment_groups, fmt_value, seed_table, summary
@@ -31,8 +31,8 @@ class ReportError(ValueError):
 def load_run(out_dir: str) -> RunMetrics:
     """Read ``out_dir/metrics.h5`` (or that file itself); a bad file raises :class:`ReportError`."""
     try:
-        return io.read_run(out_dir)
-    except io.OutputError as e:
+        return metrics.read(out_dir)
+    except hdf5.OutputError as e:
         raise ReportError(str(e)) from None
 
 
@@ -105,5 +105,5 @@ def make_report(out_dirs: list[str], dest: str, labels: list[str] | None = None)
     if any(len(members) > 1 for _, members in groups):
         text = text.replace("\n## Runs\n", "\n" + seed_table(groups, ks) + "\n## Runs\n", 1)
     summary_path = os.path.join(dest, REPORT_FILES[4])
-    io.atomic_write_bytes(summary_path, lambda fh: fh.write(text.encode("utf-8")))
+    files.atomic_write_bytes(summary_path, lambda fh: fh.write(text.encode("utf-8")))
     return [os.path.join(dest, name) for name in images] + [summary_path]

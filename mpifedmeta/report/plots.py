@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from mpifedmeta.storage import io
+from mpifedmeta.storage import files
 from .tables import finite
 
 
@@ -27,7 +27,7 @@ def _new_figure(nplots: int, width: float = 4.8, height: float = 3.6):
 
 
 def _save(fig, path: str) -> None:
-    io.atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
+    files.atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
 
 
 def run_colors(n: int) -> list:

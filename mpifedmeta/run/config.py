@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 MAX_AGENTS = 2**31 - 1          # agent ids are hashed as 32-bit counters (rng.py)
 MAX_EVALUATED = 100_000         # generated populations: agents evaluated per evaluation, at most
-CAPTURES = ("off", "compile", "cudagraphs")   # train.compile as a string (booleans: off / compile)
+COMPILE_MODES = ("off", "compile", "cudagraphs")   # train.compile as a string (booleans: off / compile)
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -97,8 +97,8 @@ def _hidden(v):
     return None if all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v) else "must be a list of positive integers"
 
 
-def _capture(v):
-    return None if isinstance(v, bool) or v in CAPTURES else f"must be true, false or one of {', '.join(CAPTURES)}"
+def _compile_mode(v):
+    return None if isinstance(v, bool) or v in COMPILE_MODES else f"must be true, false or one of {', '.join(COMPILE_MODES)}"
 
 
 def _agent_chunk(v):
@@ -155,7 +155,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked", **_RUN_ONLY),
         "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)", **_RUN_ONLY),
         "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),
-        "compile": Key(False, (bool, str), _capture, 'capture the whole local round: false/"off", true/"compile" (torch.compile), "cudagraphs" (CUDA only); eager fallback with a notice', **_RUN_ONLY),
+        "compile": Key(False, (bool, str), _compile_mode, 'compile the whole local round: false/"off", true/"compile" (torch.compile), "cudagraphs" (CUDA only); eager fallback with a notice', **_RUN_ONLY),
         "device": Key("auto", (str,), _one_of(("auto", "cpu", "cuda")), "auto = the rank's GPU if any, else CPU", **_RUN_ONLY),
         "agent_chunk": Key("auto", (int, str), _agent_chunk, 'agents per batched call, the last chunk padded with dummy agents, so that kernel shapes do not depend on the number of ranks (0 = off: one call per block; "auto" = 32 on CUDA, 0 on CPU)', **_RUN_ONLY),
         "allow_tf32": Key(False, (bool,), None, "let CUDA float32 matmuls and cuDNN convolutions use TF32 (~1e-3 relative error; not allowed with metagrad = hf in float32)"),

@@ -1,4 +1,4 @@
-"""One run's results as read from its metrics.h5 by :func:`mpifedmeta.storage.io.read_run` (plain arrays)."""
+"""One run's results as read from its metrics.h5 by :func:`mpifedmeta.storage.metrics.read` (plain arrays)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 
 @dataclass
 class RunMetrics:
-    """What one run's ``metrics.h5`` holds, as :func:`mpifedmeta.storage.io.read_run` returns it.
+    """What one run's ``metrics.h5`` holds, as :func:`mpifedmeta.storage.metrics.read` returns it.
 
     ``R`` evaluation rows, ``K`` fine-tuning step counts, ``A`` evaluated training agents, ``H``
     holdout agents (possibly 0). Per-agent arrays are kept for the last evaluation row only (the
-    full ``(R, K, A)`` arrays can be large; :func:`mpifedmeta.storage.io.read_table` reads everything).
+    full ``(R, K, A)`` arrays can be large; ``metrics.read(..., tables=True)`` reads everything).
     """
 
     out_dir: str
@@ -37,6 +37,7 @@ class RunMetrics:
     attrs: dict[str, Any] = field(default_factory=dict)  # other file attributes (strategy, versions, ...)
     grad_norm_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) ‖∇F(w)‖², NaN when not tracked
     meta_loss_full: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) F(w) on full local data
+    tables: dict | None = None  # with metrics.read(..., tables=True): {"train"|"eval": {dataset: full array}}
 
     @property
     def name(self) -> str:

@@ -1,7 +1,7 @@
-"""Optional capture of a whole local round (``train.compile``): torch.compile or CUDA graphs.
+"""``train.compile``: the whole local round compiled by torch.compile or recorded as a CUDA graph.
 
 Never needed for correctness or to run: shapes are fixed per (block size, τ, slots, batch), and
-wherever capture is not possible (no CUDA for "cudagraphs", a transform torch.compile cannot
+wherever compilation is not possible (no CUDA for "cudagraphs", a transform torch.compile cannot
 trace, ...) the round runs eagerly after a one-line notice, once per reason.
 
 - "compile": ``torch.compile(dynamic=False)`` of the eager local round (mode "reduce-overhead",
@@ -21,10 +21,11 @@ import torch
 
 from mpifedmeta.core import metagrad
 
+MODES = ("off", "compile", "cudagraphs")
 _compiled: dict = {}
 _graphs: dict = {}
 _failed: dict = {}
-ANNOUNCE = True     # the runner sets False on ranks other than 0: the notice is printed once per job
+ANNOUNCE = True     # set-up sets False on ranks other than 0: the notice is printed once per job
 
 
 def _notice(key, text: str) -> None:
@@ -39,9 +40,29 @@ def _signature(backend, theta, X, idx, mask, meta, beta):
             tuple(idx.shape), tuple(idx.stride()), tuple(mask.stride()))
 
 
-def local_update(backend, theta, X, Y, idx, mask, meta, beta, mode: str):
-    """metagrad.local_update_eager captured according to ``mode``; None where it cannot be (then
-    the caller runs it eagerly). Like the eager round it updates ``theta`` in place."""
+def mode(value) -> str:
+    """train.compile as a mode: false → "off", true → "compile", or the string itself."""
+    if value is True:
+        return "compile"
+    if value is False or value is None:
+        return "off"
+    if value not in MODES:
+        raise ValueError(f"train.compile must be true, false or one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def local_update(mode_: str, backend, theta, X, Y, idx, mask, meta, beta):
+    """metagrad.local_update compiled according to ``mode_`` ("off": eagerly), in place on ``theta``
+    like it; where compilation is not possible, eagerly after a one-line notice (once per reason)."""
+    if mode_ != "off":
+        out = _compiled_update(mode_, backend, theta, X, Y, idx, mask, meta, beta)
+        if out is not None:
+            return out
+    return metagrad.local_update(backend, theta, X, Y, idx, mask, meta, beta)
+
+
+def _compiled_update(mode, backend, theta, X, Y, idx, mask, meta, beta):
+    """The captured round, or None where it cannot be captured."""
     key = (mode,) + _signature(backend, theta, X, idx, mask, meta, beta)
     if key in _failed:
         return None
@@ -63,7 +84,7 @@ def local_update(backend, theta, X, Y, idx, mask, meta, beta, mode: str):
         fn = _compiled.get(key)
         if fn is None:
             def round_(p, X_, Y_, i, m):
-                return metagrad.local_update_eager(traceable, p, X_, Y_, i, m, meta, beta)
+                return metagrad.local_update(traceable, p, X_, Y_, i, m, meta, beta)
             fn = _compiled[key] = torch.compile(round_, dynamic=False,
                                                 mode="reduce-overhead" if X.device.type == "cuda" else None)
         out, losses = fn(theta, X, Y, idx, mask)
@@ -87,7 +108,7 @@ def _replay(key, backend, theta, X, Y, idx, mask, meta, beta):
         static = (theta.clone(), idx.clone(), mask.clone())
 
         def run():
-            return metagrad.local_update_eager(backend, static[0], X, Y, static[1], static[2], meta, beta)
+            return metagrad.local_update(backend, static[0], X, Y, static[1], static[2], meta, beta)
 
         side = torch.cuda.Stream(device=X.device)
         side.wait_stream(torch.cuda.current_stream(X.device))
