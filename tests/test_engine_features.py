@@ -167,7 +167,7 @@ def test_agent_chunk_auto_is_timed_on_cpu_recorded_and_reused(tmp_path):
     cfg = config.load(None, TINY + ["train.agents_per_round=10", 'output.dir="/nonexistent/x"'])
     s = session.setup(cfg, serial_world())
     assert s.round.spec.agent_chunk in (0,) + strategy.CHUNK_SIZES
-    assert "auto:" in s.agent_chunk_line and "none:" in s.agent_chunk_line
+    assert "auto, timed 0 / " in s.agent_chunk_line and " ms)" in s.agent_chunk_line
     again = session.setup(cfg, serial_world(), {"strategy": s.strategy, "agent_chunk": 4})
     assert again.round.spec.agent_chunk == 4 and "recorded" in again.agent_chunk_line
     fixed = session.setup(config.load(None, TINY + ["train.agent_chunk=3", 'output.dir="/nonexistent/x"']),

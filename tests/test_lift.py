@@ -238,7 +238,7 @@ NORMS = {
     "layernorm-after-conv": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.LayerNorm((3, 3))), (2, 5, 5)),
     "groupnorm-conv": (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU()), (2, 5, 5)),
     "groupnorm-conv1d": (nn.Sequential(nn.Conv1d(2, 6, 3), nn.GroupNorm(3, 6)), (2, 9)),
-    "groupnorm-dense": (nn.Sequential(nn.Linear(6, 8), nn.GroupNorm(4, 8), nn.Tanh()), (6,)),
+    "groupnorm-dense": (nn.Sequential(nn.Linear(6, 8), nn.GroupNorm(2, 8), nn.Tanh()), (6,)),   # groups of 4 (of 2, a ±1 step: ill-conditioned)
     "groupnorm-no-affine": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(1, 4, affine=False)), (2, 5, 5)),
     "instancenorm2d": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True)), (2, 6, 6)),
     "dropout-p0": (nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.0), nn.Tanh()), (6,)),

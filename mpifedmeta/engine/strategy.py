@@ -176,8 +176,8 @@ def choose_agent_chunk(setting, device_type: str, recorded: int | None, backend,
     slowest = {c: max(sec[c] for sec in allgather(seconds)) for c in sizes}
     best = min(slowest, key=slowest.get)
     chosen = best if slowest[best] < (1 - CHUNK_MARGIN) * slowest[0] else 0
-    timed = ", ".join(f"{c or 'none'}: {1e3 * t:.1f} ms" for c, t in slowest.items())
-    return chosen, f"{chosen} (auto: {timed})"
+    timed = " / ".join(f"{1e3 * t:.1f}" for t in slowest.values())
+    return chosen, f"{chosen} (auto, timed {' / '.join(str(c) for c in slowest)}: {timed} ms)"
 
 
 def _best_of(fn, device: torch.device, repeats: int = 3) -> float:

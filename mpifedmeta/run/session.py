@@ -71,8 +71,9 @@ def _build(cfg: Config, world: dist.World):
 def _eval_spec(cfg: Config, num_train: int, num_agents: int) -> algorithm.EvalSpec:
     """The evaluated agents (all, or fixed random samples) and what an evaluation computes."""
     e, seed, H = cfg.eval, cfg.train.seed, num_agents - num_train
-    train_ids = np.arange(num_train, dtype=np.int64)
-    if e.agents != "all" and e.agents < num_train:
+    if e.agents == "all" or e.agents >= num_train:
+        train_ids = np.arange(num_train, dtype=np.int64)
+    else:     # O(e.agents), never an array of all N agents (generated populations)
         train_ids = np.sort(np.random.default_rng([rng.EVAL_AGENTS, seed]).choice(num_train, e.agents, replace=False))
     holdout_ids = np.arange(num_train, num_agents, dtype=np.int64)
     if e.holdout_agents != "all" and e.holdout_agents < H:

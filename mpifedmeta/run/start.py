@@ -62,8 +62,8 @@ def _start_new(cfg: Config, world: dist.World) -> int:
     agreed(world, first_checkpoint, root_only=True, errors=())
     say(world, f"mpifedmeta {__version__}: {s.population.num_agents} agents ({s.population.num_agents - s.num_train} holdout) on "
                f"{world.size} rank(s), {cfg.model.name} with {params.numel()} parameters, "
-               f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, strategy {s.strategy_line}, "
-               f"agent chunk {s.agent_chunk_line}")
+               f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, agent chunk {s.agent_chunk_line}, "
+               f"strategy {s.strategy_line}")
     return train(s, out_dir, params, 0, 0.0)
 
 
