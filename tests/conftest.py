@@ -54,3 +54,16 @@ def gpu():
     if os.environ.get("MPIFEDMETA_CUDA_TESTS_ON_CPU") == "1":
         return torch.device("cpu")
     pytest.skip("needs a CUDA GPU")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """pytest-mpi prints a ~17-line "MPI Information" section at the end of every MPI run; the test
+    command shows it only when asked (MPIFEDMETA_MPI_INFO=1): `mpifedmeta info` says the same."""
+    if os.environ.get("MPIFEDMETA_MPI_INFO") == "1":
+        return
+    for plugin in list(config.pluginmanager.get_plugins()):
+        if type(plugin).__name__ == "MPIPlugin":
+            quiet = type("QuietMPIPlugin", (type(plugin),), {"pytest_terminal_summary": None})()
+            config.pluginmanager.unregister(plugin)
+            config.pluginmanager.register(quiet)

@@ -11,8 +11,21 @@ if [ -z "${MPIEXEC:-}" ]; then
   if [ -x "$venv_bin/mpiexec" ]; then MPIEXEC=$venv_bin/mpiexec; else MPIEXEC=$(command -v mpiexec); fi
 fi
 export MPIEXEC
+phase_start=$SECONDS
 python -m pytest -q -p no:cacheprovider "$@"
+echo "== serial tests: $((SECONDS - phase_start)) s"
+RANK_LOGS=$(mktemp -d "${TMPDIR:-/tmp}/mpifedmeta-rank-logs.XXXXXX")
+export RANK_LOGS
+trap 'rm -rf "$RANK_LOGS"' EXIT
 for n in 2 3; do
-  echo "== MPI tests on $n ranks =="
-  timeout -k 10 900 $MPIEXEC -n "$n" python -m pytest -q -p no:cacheprovider --with-mpi -m mpi "$@"
+  phase_start=$SECONDS
+  echo "== MPI tests on $n ranks (rank 0 shown; the other ranks' output only on failure)"
+  rc=0
+  timeout -k 10 900 $MPIEXEC -n "$n" bash tests/rank0_prints.sh \
+    python -m pytest -q -p no:cacheprovider --no-header --with-mpi -m mpi "$@" || rc=$?
+  if [ "$rc" != 0 ]; then
+    for log in "$RANK_LOGS"/rank-*.log; do echo "----- $log"; cat "$log"; done
+    exit "$rc"
+  fi
+  echo "== MPI tests on $n ranks: $((SECONDS - phase_start)) s"
 done

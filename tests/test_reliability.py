@@ -593,15 +593,15 @@ def test_agreed_gives_every_rank_the_same_outcome():
 @pytest.mark.mpi
 def test_output_lock_held_refuses_on_every_rank():
     import tempfile
-    from mpifedmeta.run import protocol, runner
+    from mpifedmeta.run import protocol
     world = _mpi_world()
     base = world.comm.bcast(tempfile.mkdtemp(prefix="mpifedmeta-lock-") if world.is_root else None, root=0)
     try:
-        with runner.output_lock(world, base):
+        with protocol.output_lock(world, base):
             with pytest.raises(protocol.BadInput, match="in use by another mpifedmeta run"):
-                with runner.output_lock(world, base):       # a second open file description: refused
+                with protocol.output_lock(world, base):       # a second open file description: refused
                     pass
-        with runner.output_lock(world, base):               # released: free again
+        with protocol.output_lock(world, base):               # released: free again
             pass
     finally:
         world.comm.Barrier()
