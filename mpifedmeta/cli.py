@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("outs", nargs="+", help="output directories of runs (overlaid in the plots)")
     rep.add_argument("--out", dest="dest", default=None, help="where to write (default: OUT/report for one run, ./report otherwise)")
     rep.add_argument("--label", dest="labels", action="append", default=None, help="label per run, in order")
+    rep.add_argument("--sharey", action="store_true", help="one y-axis for every k in the accuracy and loss curves")
     sub.add_parser("info", help="MPI library, ranks, devices, threads and versions (run it under mpiexec)")
     sub.add_parser("config", help="print every config key with its default and meaning")
     return p
@@ -172,7 +173,7 @@ def _report(args) -> int:
     from mpifedmeta.report import ReportError, make_report
     dest = args.dest or (os.path.join(args.outs[0], "report") if len(args.outs) == 1 else "report")
     try:
-        paths = make_report(args.outs, dest, args.labels)
+        paths = make_report(args.outs, dest, args.labels, args.sharey)
     except ReportError as e:
         return _fail(None, str(e))
     for p in paths:

@@ -147,13 +147,13 @@ def test_three_runs(tmp_path):
 
     summary = (dest / "summary.md").read_text()
     for nu, acc in finals.items():
-        assert f"nu={nu} exact" in summary
+        assert (f"nu={nu} exact" if nu else "FedAvg (nu=0)") in summary
         assert f"{100 * acc:.1f} ±" in summary  # 61.3, 74.2, 83.6
     assert "125.0 s" not in summary and "2m 05s" in summary  # 10 rounds * 12.5 s
     for name in PNGS:
         assert f"]({name})" in summary
     # one table row per run
-    assert sum(1 for line in summary.splitlines() if line.startswith("| nu=")) == 3
+    assert sum(1 for line in summary.splitlines() if line.startswith(("| nu=", "| FedAvg"))) == 3
 
 
 def test_load_run_contents(tmp_path):
@@ -200,7 +200,7 @@ def test_different_k_and_single_eval_row(tmp_path):
     summary = (dest / "summary.md").read_text()
     for k in (0, 1, 5):
         assert f"train acc k={k}" in summary
-    row_a = next(line for line in summary.splitlines() if line.startswith("| nu=0"))
+    row_a = next(line for line in summary.splitlines() if line.startswith("| FedAvg (nu=0)"))
     cells = [c.strip() for c in row_a.strip("|").split("|")]
     assert cells[1] == "0"  # no training rounds
     assert cells[-1] == "\u2013"  # no wall time
@@ -285,3 +285,24 @@ def test_missing_dataset(tmp_path):
 def test_import_does_not_import_matplotlib():
     code = "import sys, mpifedmeta.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shared_y_axes(tmp_path):
+    """--sharey: the accuracy and loss curves of every k on one y-axis."""
+    a = tmp_path / "a"
+    write_metrics(a, nu=1, ks=(0, 1, 2))
+    from mpifedmeta.report import plots
+    seen = {}
+    real = plots._new_figure
+
+    def spy(n, width=4.8, height=3.6, sharey=False):
+        fig, axes = real(n, width, height, sharey)
+        seen.setdefault(sharey, []).append(axes)
+        return fig, axes
+    plots._new_figure = spy
+    try:
+        make_report([str(a)], str(tmp_path / "shared"), sharey=True)
+    finally:
+        plots._new_figure = real
+    shared = seen[True]
+    assert len(shared) == 2 and all(ax.get_shared_y_axes().joined(axes[0], ax) for axes in shared for ax in axes)

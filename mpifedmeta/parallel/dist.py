@@ -60,8 +60,11 @@ def mpi4py_version() -> str:
 
 
 def mpi_library() -> str:
+    """The MPI library: vendor and version, then the first line of its own version text, whole."""
     MPI = _mpi()
-    return " ".join(MPI.Get_library_version().split())[:200]
+    vendor, version = MPI.get_vendor()
+    first = next((line.strip() for line in MPI.Get_library_version().splitlines() if line.strip()), "")
+    return f"{vendor} {'.'.join(map(str, version))} ({' '.join(first.split())})"
 
 
 def install_abort_handler(world: World) -> None:

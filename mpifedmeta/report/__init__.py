@@ -37,10 +37,13 @@ def load_run(out_dir: str) -> RunMetrics:
 
 
 def default_label(run: RunMetrics) -> str:
-    """``nu=<train.nu> <train.metagrad>`` from the run's config (the directory name if absent)."""
+    """``nu=<train.nu> <train.metagrad>`` from the run's config, ``FedAvg (nu=0)`` for ν = 0 (no
+    fine-tuning step, so no meta-gradient flavour); the directory name if absent."""
     train = run.config.get("train")
     parts = []
     if isinstance(train, dict):
+        if train.get("nu") == 0:
+            return "FedAvg (nu=0)"
         if "nu" in train:
             parts.append(f"nu={fmt_value(train['nu'])}")
         if train.get("metagrad") not in (None, ""):
@@ -64,12 +67,12 @@ def _resolve_labels(runs: list[RunMetrics], labels: list[str] | None) -> list[st
     return out
 
 
-def _draw(runs: list[RunMetrics], labels: list[str], ks: list[int], dest: str) -> list[str]:
+def _draw(runs: list[RunMetrics], labels: list[str], ks: list[int], dest: str, sharey: bool) -> list[str]:
     """Every image into ``dest``; returns their file names."""
     colors = plots.run_colors(len(runs))
     acc, loss, dist, meta = REPORT_FILES[:4]
-    plots.curves_plot(runs, labels, colors, ks, "acc", os.path.join(dest, acc))
-    plots.curves_plot(runs, labels, colors, ks, "loss", os.path.join(dest, loss))
+    plots.curves_plot(runs, labels, colors, ks, "acc", os.path.join(dest, acc), sharey)
+    plots.curves_plot(runs, labels, colors, ks, "loss", os.path.join(dest, loss), sharey)
     plots.distribution_plot(runs, labels, colors, ks, os.path.join(dest, dist))
     plots.meta_loss_plot(runs, labels, colors, os.path.join(dest, meta))
     images = [acc, loss, dist, meta]
@@ -79,12 +82,13 @@ def _draw(runs: list[RunMetrics], labels: list[str], ks: list[int], dest: str) -
     return images
 
 
-def make_report(out_dirs: list[str], dest: str, labels: list[str] | None = None) -> list[str]:
+def make_report(out_dirs: list[str], dest: str, labels: list[str] | None = None, sharey: bool = False) -> list[str]:
     """Write ``accuracy.png``, ``loss.png``, ``distribution.png``, ``train_meta_loss.png`` and
     ``summary.md`` for the runs in ``out_dirs`` into ``dest`` (created). Returns the written paths.
 
     ``labels`` (one per run) replaces the default labels (``nu=<nu> <metagrad>``);
-    colliding labels get the run's directory name appended.
+    colliding labels get the run's directory name appended. ``sharey``: one y-axis for every k in
+    the accuracy and loss curves (to compare k's at a glance).
     """
     if isinstance(out_dirs, (str, os.PathLike)):
         out_dirs = [out_dirs]
@@ -99,7 +103,7 @@ def make_report(out_dirs: list[str], dest: str, labels: list[str] | None = None)
         os.makedirs(dest, exist_ok=True)
     except OSError as e:
         raise ReportError(f"{dest}: cannot create output directory ({' '.join(str(e).split())})") from None
-    images = _draw(runs, labels, ks, dest)
+    images = _draw(runs, labels, ks, dest, sharey)
     text = summary(runs, labels, ks, images)
     groups = experiment_groups(runs)
     if any(len(members) > 1 for _, members in groups):

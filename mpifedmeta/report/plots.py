@@ -12,7 +12,7 @@ from mpifedmeta.storage import files
 from .tables import finite
 
 
-def _new_figure(nplots: int, width: float = 4.8, height: float = 3.6):
+def _new_figure(nplots: int, width: float = 4.8, height: float = 3.6, sharey: bool = False):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -20,7 +20,7 @@ def _new_figure(nplots: int, width: float = 4.8, height: float = 3.6):
     nrows = max(1, math.ceil(nplots / ncols))
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey).ravel()
     for ax in axes[nplots:]:
         ax.set_visible(False)
     return fig, list(axes[: max(nplots, 1)])
@@ -67,12 +67,12 @@ def _round_axis(ax, xs: list) -> None:
         ax.set_xticks([x.min()])
 
 
-def curves_plot(runs, labels, colors, ks, what: str, path: str) -> None:
+def curves_plot(runs, labels, colors, ks, what: str, path: str, sharey: bool = False) -> None:
     from matplotlib.lines import Line2D
 
     scale = 100.0 if what == "acc" else 1.0
     ylabel = "personalized test accuracy (%)" if what == "acc" else "personalized test loss"
-    fig, axes = _new_figure(len(ks))
+    fig, axes = _new_figure(len(ks), sharey=sharey)
     any_holdout = False
     for ax, k in zip(axes, ks):
         drawn, xs = False, []
