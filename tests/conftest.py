@@ -9,6 +9,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import TEST_DEVICE  # noqa: E402  (MPIFEDMETA_TEST_DEVICE: cpu by default, or cuda)
 
 
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, request):
+    """A module's own directory with the tiny config of helpers.write_tiny_config in it."""
+    from helpers import write_tiny_config
+    d = tmp_path_factory.mktemp(request.module.__name__.replace("test_", ""))
+    write_tiny_config(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cfg_path(base_dir):
+    """The tiny config's path (tiny.toml in base_dir)."""
+    return str(base_dir / "tiny.toml")
+
+
 @pytest.fixture
 def repo_root():
     return REPO

@@ -8,6 +8,7 @@ fault injection aborts the whole job (no hang), config errors print once.
 results are agreed on with allgather before asserting, so a failure on one rank never deadlocks.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -340,9 +341,29 @@ def test_first_error_agrees_on_every_rank():
     assert dist.first_error(world, f"r{world.rank}") == "r0"       # the lowest rank wins
 
 
-def _shared_tmpdir(comm) -> str:
-    d = tempfile.mkdtemp(prefix="mpifedmeta-mpi-") if comm.Get_rank() == 0 else None
-    return comm.bcast(d, root=0)
+@contextlib.contextmanager
+def _shared_tmpdir(comm):
+    """A temporary directory every rank sees (made and removed by rank 0, after a barrier)."""
+    d = comm.bcast(tempfile.mkdtemp(prefix="mpifedmeta-mpi-") if comm.Get_rank() == 0 else None, root=0)
+    try:
+        yield d
+    finally:
+        comm.Barrier()
+        if comm.Get_rank() == 0:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _on_root(comm, check) -> None:
+    """Run the assertions of ``check()`` on rank 0 only and fail on every rank if they fail there
+    (never a rank left waiting: the error travels by broadcast)."""
+    err = None
+    if comm.Get_rank() == 0:
+        try:
+            check()
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+    err = comm.bcast(err, root=0)
+    assert err is None, err
 
 
 def _tiny_cfg(out_dir, *extra):
@@ -367,37 +388,24 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
     from mpifedmeta.run import start
     comm = _comm()
     world = _world(comm)
-    base = _shared_tmpdir(comm)
-    try:
-        cfg_world = _tiny_cfg(os.path.join(base, "world"), *extra)
-        code = start.start_new(cfg_world, world)
+    with _shared_tmpdir(comm) as base:
+        code = start.start_new(_tiny_cfg(os.path.join(base, "world"), *extra), world)
         _agree(comm, code == 0, f"exit code {code} on COMM_WORLD")
-        err = None
-        if world.is_root:
-            try:
-                cfg_self = _tiny_cfg(os.path.join(base, "self"), *extra)
-                self_code = start.start_new(cfg_self, _world(MPI.COMM_SELF))
-                if self_code != 0:
-                    err = f"exit code {self_code} on COMM_SELF"
-                else:
-                    a, b = final_model(os.path.join(base, "world")), final_model(os.path.join(base, "self"))
-                    assert_models_identical(a, b, "COMM_WORLD vs COMM_SELF")
-                    ma, mb = read_metrics(os.path.join(base, "world")), read_metrics(os.path.join(base, "self"))
-                    assert ma["train/round"].tolist() == [1, 2, 3]
-                    if "train.agents_per_round=1" in extra:
-                        assert ma["train/num_sampled"].tolist() == [1, 1, 1]
-                    for name in ("train/meta_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc",
-                                 "eval/train_agent_loss", "eval/grad_norm_sq"):
-                        assert arrays_identical(ma[name], mb[name]), name
-                    assert checkpoint_rounds(os.path.join(base, "world")) == [0, 2, 3]
-            except Exception as e:                                  # reported on every rank below
-                err = f"{type(e).__name__}: {e}"
-        err = comm.bcast(err, root=0)
-        assert err is None, err
-    finally:
-        comm.Barrier()
-        if comm.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
+
+        def check():
+            self_code = start.start_new(_tiny_cfg(os.path.join(base, "self"), *extra), _world(MPI.COMM_SELF))
+            assert self_code == 0, f"exit code {self_code} on COMM_SELF"
+            a, b = final_model(os.path.join(base, "world")), final_model(os.path.join(base, "self"))
+            assert_models_identical(a, b, "COMM_WORLD vs COMM_SELF")
+            ma, mb = read_metrics(os.path.join(base, "world")), read_metrics(os.path.join(base, "self"))
+            assert ma["train/round"].tolist() == [1, 2, 3]
+            if "train.agents_per_round=1" in extra:
+                assert ma["train/num_sampled"].tolist() == [1, 1, 1]
+            for name in ("train/meta_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc",
+                         "eval/train_agent_loss", "eval/grad_norm_sq"):
+                assert arrays_identical(ma[name], mb[name]), name
+            assert checkpoint_rounds(os.path.join(base, "world")) == [0, 2, 3]
+        _on_root(comm, check)
 
 
 @pytest.mark.mpi
@@ -406,25 +414,16 @@ def test_inprocess_resume_on_world_equals_uninterrupted():
     from mpifedmeta.run import start
     comm = _comm()
     world = _world(comm)
-    base = _shared_tmpdir(comm)
-    try:
+    with _shared_tmpdir(comm) as base:
         a, b = os.path.join(base, "a"), os.path.join(base, "b")
         codes = [start.start_new(_tiny_cfg(a), world),
                  start.resume(a, world, 5),
                  start.start_new(_tiny_cfg(b, "train.rounds=5"), world)]
         _agree(comm, codes == [0, 0, 0], f"exit codes {codes}")
-        err = None
-        if world.is_root:
-            try:
-                assert_models_identical(final_model(a), final_model(b), "resumed vs straight")
-                ma, mb = read_metrics(a), read_metrics(b)
-                assert ma["train/round"].tolist() == [1, 2, 3, 4, 5]
-                assert arrays_identical(ma["train/meta_loss"], mb["train/meta_loss"])
-            except Exception as e:
-                err = f"{type(e).__name__}: {e}"
-        err = comm.bcast(err, root=0)
-        assert err is None, err
-    finally:
-        comm.Barrier()
-        if comm.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
+
+        def check():
+            assert_models_identical(final_model(a), final_model(b), "resumed vs straight")
+            ma, mb = read_metrics(a), read_metrics(b)
+            assert ma["train/round"].tolist() == [1, 2, 3, 4, 5]
+            assert arrays_identical(ma["train/meta_loss"], mb["train/meta_loss"])
+        _on_root(comm, check)

@@ -64,18 +64,6 @@ def snapshot(root):
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reliability")
-    write_tiny_config(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def cfg_path(base_dir):
-    return str(base_dir / "tiny.toml")
-
-
-@pytest.fixture(scope="module")
 def finished(base_dir, cfg_path):
     """R = 6 rounds, checkpoints 0, 2, 4, 6, evaluations 0, 2, 4, 6."""
     out = str(base_dir / "finished")
@@ -520,7 +508,7 @@ def test_run_sh_uses_MPIEXEC(tmp_path):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=TIMEOUT)
     assert proc.returncode == 0, describe(proc)
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert [c.split(" python")[0] for c in calls] == ["--flag -n 2", "--flag -n 3"]
+    assert [c.split(" python")[0] for c in calls] == ["--flag -n 2 bash tests/rank0_prints.sh", "--flag -n 3 bash tests/rank0_prints.sh"]
 
 
 # --------------------------------------------------------------------------- 10. stop checkpoint at once

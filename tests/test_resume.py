@@ -17,23 +17,11 @@ import pytest
 
 from helpers import (TIMEOUT, assert_models_identical, assert_ok, assert_one_error_line, arrays_identical,
                      checkpoint_path, checkpoint_rounds, cli_env, copy_run, describe, file_hashes, final_model,
-                     mpifedmeta_cmd, read_metrics, run_cli, sets, write_tiny_config)
+                     mpifedmeta_cmd, read_metrics, run_cli, sets)
 from mpifedmeta.storage import checkpoint, metrics
 
 R = 6
 BASE = sets(eval__every=2, output__checkpoint_every=1, output__keep=2)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("resume")
-    write_tiny_config(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def cfg_path(base_dir):
-    return str(base_dir / "tiny.toml")
 
 
 @pytest.fixture(scope="module")
