@@ -320,11 +320,12 @@ def test_with_values_validates():
 def test_names_come_from_the_registries(monkeypatch):
     from mpifedmeta import models
     from mpifedmeta.core import metagrad
+    from mpifedmeta.engine import backends
     from mpifedmeta.data import loaders, partition
     for registry, key in ((loaders.LOADERS, "data.dataset"), (partition.SCHEMES, "data.partition"),
                           (models.MODELS, "model.name"), (metagrad.METHODS, "train.metagrad")):
         assert f"must be one of {', '.join(registry)}" in config_error(SMALL + [f"{key}=nope"])
-    assert "must be one of auto, " + ", ".join(metagrad.STRATEGIES) in config_error(SMALL + ["train.strategy=nope"])
+    assert "must be one of auto, " + ", ".join(backends.BACKENDS) in config_error(SMALL + ["train.strategy=nope"])
     # a new registration is accepted without touching config.py, and `mpifedmeta config` lists it
     monkeypatch.setitem(models.MODELS, "tiny", models.MODELS["linear"])
     assert load(None, SMALL + ["model.name=tiny"]).model.name == "tiny"

@@ -106,7 +106,7 @@ def test_block_meta_gradients_equal_vmap_and_reference(model_name, method, nu):
     meta = mg.MetaSpec(nu, 0.1, method, 1e-2)
     ref, ref_v = reference_block(model, params, X, Y, idx, mask, meta)
     outs = {s: api.block_meta_gradients(backends.make(model, s, chunk=3), params, X, Y, idx, mask, meta)
-            for s in mg.STRATEGIES}
+            for s in backends.BACKENDS}
     for s, (g, v) in outs.items():
         assert set(g) == set(params) and all(g[k].shape == params[k].shape for k in g)
         err = max(rel(per_agent(g, a), ref[a]) for a in range(4))

@@ -31,7 +31,6 @@ import torch
 
 from mpifedmeta.core.losses import cross_entropy
 
-STRATEGIES = ("stacked", "vmap", "chunked", "loop")
 
 
 @dataclass(frozen=True)

@@ -124,25 +124,3 @@ def build_shapes(name: str, in_shape: tuple[int, ...], num_classes: int,
 def param_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's parameters as a plain (detached) dict, named as in ``named_parameters()``."""
     return {k: v.detach().clone() for k, v in model.named_parameters()}
-
-
-def flatten(params: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
-    """Concatenate parameters into one vector (per leading batch index when batch_dims=1)."""
-    if batch_dims == 0:
-        return torch.cat([p.reshape(-1) for p in params.values()])
-    lead = next(iter(params.values())).shape[0]
-    return torch.cat([p.reshape(lead, -1) for p in params.values()], dim=1)
-
-
-def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`flatten` for unbatched parameters shaped like ``like``."""
-    out, offset = {}, 0
-    for name, p in like.items():
-        n = p.numel()
-        out[name] = vector[offset:offset + n].view_as(p)
-        offset += n
-    return out
-
-
-def num_params(params: dict[str, torch.Tensor]) -> int:
-    return sum(p.numel() for p in params.values())

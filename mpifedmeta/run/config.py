@@ -151,7 +151,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "weighting": Key("uniform", (str,), _one_of(("uniform", "samples")), "uniform | samples: weights of the average"),
         "seed": Key(0, (int,), _non_negative, "seed of partition, initial model, cohorts and batches", experiment=False),
         "dtype": Key("float32", (str,), _one_of(("float32", "float64")), "float32 | float64"),
-        "strategy": Key("stacked", (str,), Registered("mpifedmeta.core.metagrad", "STRATEGIES", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget)", **_RUN_ONLY),
+        "strategy": Key("stacked", (str,), Registered("mpifedmeta.engine.backends", "BACKENDS", ("auto",)), "{choices} (auto: time each at start-up, keep the fastest within memory_budget, the default unless another is >3% faster)", **_RUN_ONLY),
         "chunk": Key(64, (int,), _positive, "agents per vmap call for strategy = chunked", **_RUN_ONLY),
         "memory_budget": Key(0, (int, float), _non_negative, "MB of memory a strategy may add (auto skips those above it; 0 = no limit)", **_RUN_ONLY),
         "recompute": Key(False, (bool,), None, "exact/hf: recompute the fine-tuned iterates in the backward pass (O(d) instead of O(nu*d) memory, ~nu/2 x more inner gradients)", **_RUN_ONLY),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpifedmeta.core import metagrad
+from mpifedmeta.engine import backends
 from mpifedmeta.run.config import ConfigError, from_json
 from mpifedmeta.storage import checkpoint, hdf5, metrics
 
@@ -47,9 +47,9 @@ def resume_point(out_dir: str, rounds: int | None, resumable: dict) -> ResumePoi
         stored = from_json(ckpt_json)
     except ConfigError as e:
         raise hdf5.OutputError(f"{path}: stored config is invalid: {e}") from None
-    if attrs.get("strategy") is not None and attrs["strategy"] not in metagrad.STRATEGIES:
+    if attrs.get("strategy") is not None and attrs["strategy"] not in backends.BACKENDS:
         raise hdf5.OutputError(f"{path}: attribute 'strategy' = {str(attrs['strategy'])[:40]!r} is not one of "
-                             f"{', '.join(metagrad.STRATEGIES)}")
+                             f"{', '.join(backends.BACKENDS)}")
     wrong = [n for n, (_, dt) in shapes.items() if dt != stored.train.dtype]
     if wrong:
         raise hdf5.OutputError(f"{path}: parameter {wrong[0]} is {shapes[wrong[0]][1]}, train.dtype is {stored.train.dtype}")
