@@ -5,7 +5,8 @@ An explicit setting is used as is (``stacked`` for a model without a derivable s
 (so it continues bit for bit); ``auto`` times one meta-step of each candidate backend on the real
 model, device, block size and ν, drops those whose peak memory exceeds the budget, and keeps the
 fastest (the default backend — ``stacked`` where the model's stacked form can be derived, else ``vmap`` —
-unless another one is faster by more than the timing-noise margin).
+unless another one is faster by more than the 3% timing-noise margin). ``train.agent_chunk = "auto"`` is
+chosen here too (:func:`choose_agent_chunk`).
 """
 
 from __future__ import annotations
