@@ -2,8 +2,8 @@
 
 The local round, the evaluation, the stationarity diagnostic and the strategy timing all run
 their agents through :func:`each` — one definition of "chunk": at most ``size`` agents per call,
-each call padded to exactly ``size`` agents when ``size`` > 0, so that kernel shapes never
-depend on the number of ranks. GPU libraries choose kernels (cuBLAS batched GEMM, split-K, cuDNN
+on CUDA each call padded to exactly ``size`` agents, so that kernel shapes never depend on
+the number of ranks (:func:`fixed_shapes`). GPU libraries choose kernels (cuBLAS batched GEMM, split-K, cuDNN
 grouped convolutions) partly by the batch count, so one agent's bits could otherwise depend on P.
 Padding agents are copies of the chunk's first agent with mask 0; their results are never used.
 On the CPU a chunk also keeps the block's models cache-sized (strategy.py picks the size).
@@ -58,6 +58,13 @@ def each(n: int, size: int, indices: tuple[torch.Tensor, ...] = (), masks: tuple
             i = tuple(pad(t, size) for t in i)
             m = tuple(pad(t, size, 0.0) for t in m)
         yield a, b, i, m
+
+
+def fixed_shapes(device: torch.device) -> bool:
+    """Whether chunks are padded to exactly their size: on CUDA (kernel choice depends on the batch
+    count); not on the CPU, where an agent's bits do not depend on its block's size and padding
+    would only add work."""
+    return device.type == "cuda"
 
 
 def broadcast(w: torch.Tensor, rows: int) -> torch.Tensor:

@@ -115,7 +115,7 @@ def local_round(backend, block: AgentBlock, w: torch.Tensor, spec: RoundSpec, ro
     scale, p = c * 2.0 ** exactsum.grid_bits(total_weight), c / total_weight
     idx, mask = round_batches(block, spec, round_, ids, positions)
     loss_terms = []
-    for a, b, (i,), (m,) in chunks.each(B, spec.agent_chunk, (idx,), (mask,)):
+    for a, b, (i,), (m,) in chunks.each(B, spec.agent_chunk, (idx,), (mask,), chunks.fixed_shapes(dev)):
         with record_function("mpifedmeta.local_update"):
             theta, losses = compiled.local_update(spec.compile, backend, chunks.broadcast(w, i.shape[0]), block.X_train,
                                                   block.Y_train, i, m, spec.meta, spec.beta)
@@ -152,9 +152,9 @@ def server_step(world: dist.World, stage: dist.HostStage, sums: BlockSums, w: to
     return torch.as_tensor(new, dtype=w.dtype).to(w.device), meta_loss, 0, timings
 
 
-def _eval_chunk(agent_chunk: int, chunk: int) -> tuple[int, bool]:
+def _eval_chunk(agent_chunk: int, chunk: int, device: torch.device) -> tuple[int, bool]:
     """Agents per evaluation call and whether the calls are padded to exactly that many."""
-    return (agent_chunk, True) if agent_chunk else (chunk, False)
+    return (agent_chunk, chunks.fixed_shapes(device)) if agent_chunk else (chunk, False)
 
 
 def evaluate_block(backend, block: AgentBlock, w: torch.Tensor, agent_ids: np.ndarray,
@@ -173,7 +173,7 @@ def evaluate_block(backend, block: AgentBlock, w: torch.Tensor, agent_ids: np.nd
     dt = block.X_train.dtype
     tr_idx, tr_mask = padded_rows(block.train_offset, block.train_count, pos, block.train_width)
     te_idx, te_mask = padded_rows(block.test_offset, block.test_count, pos, block.test_width)
-    size, fixed = _eval_chunk(agent_chunk, chunk)
+    size, fixed = _eval_chunk(agent_chunk, chunk, block.device)
     losses, accs = [], []
     for a, b, (tri, tei), (trm, tem) in chunks.each(len(mine), size, (tr_idx, te_idx), (tr_mask.to(dt), te_mask.to(dt)),
                                                     fixed):
@@ -193,7 +193,7 @@ def stationarity_block(backend, block: AgentBlock, w: torch.Tensor, num_train: i
     total = torch.zeros(2, w.numel() + 1, dtype=torch.int64, device=block.device)
     training = torch.as_tensor(np.flatnonzero(block.global_ids() < num_train), device=block.device)
     idx, mask = padded_rows(block.train_offset, block.train_count, training, block.train_width)
-    size, fixed = _eval_chunk(agent_chunk, chunk)
+    size, fixed = _eval_chunk(agent_chunk, chunk, block.device)
     for a, b, (i,), (m,) in chunks.each(len(training), size, (idx,), (mask.to(block.X_train.dtype),), fixed):
         theta = backend.layout.views(chunks.broadcast(w, i.shape[0]))
         g, value = metagrad.block_meta_gradients(backend, theta, block.X_train, block.Y_train,
