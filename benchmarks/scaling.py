@@ -48,18 +48,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
+
 AR_SHARE_TARGET = 0.05
 STRONG_EFF_TARGET = 0.80
-
-
-def physical_cores() -> int:
-    """CPUs this process may run on, ignoring OMP_NUM_THREADS (which `nproc` would obey)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_launcher() -> str:
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return (shlex.quote(here) if os.path.exists(here) else "mpiexec") + " -n {P}"
 
 
 def make_dataset(path: str, n: int, seed: int = 0) -> str:
@@ -136,8 +128,7 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
     if proc.returncode != 0:
         row["error"] = " | ".join(text.strip().splitlines()[-4:])
         return row
-    from mpifedmeta.storage import io
-    run = io.read_run(out)
+    run = common.read_run(out)
     rt, ar, nb = run.train["round_time"], run.train["allreduce_time"], run.train["bytes_allreduced"]
     # per-rank compute time of the round (engines that log it): slowest and fastest rank
     ct, ct_min = run.train.get("compute_time"), run.train.get("compute_time_min")
@@ -200,6 +191,24 @@ def run_probe(args, P: int, nbytes: int) -> dict:
     return dict(json.loads(r.stdout.strip().splitlines()[-1]), cmd=shlex.join(cmd))
 
 
+def assess(rows: list[dict], model: str, cores: int) -> dict:
+    """Strong-scaling efficiency at P = 2 and the largest Allreduce share of a round (P > 1)."""
+    targets = {}
+    s2 = next((r for r in rows if r["kind"] == "strong" and r["P"] == 2 and "efficiency" in r), None)
+    if s2:
+        targets["strong_efficiency_P2"] = common.target(f"strong-scaling efficiency >= {STRONG_EFF_TARGET:.0%} at P=2 "
+                                                        f"on {cores} cores", s2["efficiency"], STRONG_EFF_TARGET,
+                                                        fmt="{:.1%}")
+    shares = [r for r in rows if r["P"] > 1 and "allreduce_share" in r]
+    if shares:
+        worst = max(shares, key=lambda r: r["allreduce_share"])
+        targets["allreduce_share"] = common.target(
+            f"Allreduce < {AR_SHARE_TARGET:.0%} of round time ({model}; metrics.h5 allreduce_time, which includes "
+            "waiting for the slower rank)", worst["allreduce_share"], AR_SHARE_TARGET, at_most=True, fmt="{:.2%}",
+            probe=worst.get("allreduce_share_probe"))
+    return targets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -221,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=2,
                     help="runs per point, alternating between the points; the least disturbed one (lowest median "
                          "round time) is reported, all are recorded (default 2)")
-    ap.add_argument("--strategy", default=None,
+    ap.add_argument("--strategy", default=None, choices=("auto",) + common.engine_strategies(),
                     help="train.strategy of the runs: one of the engine's backends or auto (default: the engine's "
                          "default; the strategy a run used is read back from metrics.h5)")
     ap.add_argument("--dataset", default="random", help='"random" (generated npz, default) or an engine dataset name')
@@ -231,7 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads-per-rank", default="auto",
                     help='threads per rank: N; "fill" = max(1, cores // P); or "auto" (default) = the same with only '
                          'the cores that other processes leave free (1-minute load average at start)')
-    ap.add_argument("--launcher", default=default_launcher(),
+    ap.add_argument("--launcher", default=None,
                     help='launch command with {P}, default "mpiexec -n {P}"; under SLURM e.g. "srun --mpi=pmi2 -n {P}"')
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     ap.add_argument("--workdir", default=None, help="where configs, data and runs go (default: a temporary directory)")
@@ -245,17 +254,11 @@ def main(argv=None) -> int:
         allreduce_probe(args.ar_probe, 200)
         return 0
 
-    import common
-    from mpifedmeta.run import config as engine_config
-    known = ("auto",) + common.engine_strategies()
-    if args.strategy is not None and args.strategy not in known:
-        ap.error(f"--strategy {args.strategy!r}: this engine has {', '.join(known)}")
-    if args.strategy is None:
-        args.strategy_default = engine_config.SCHEMA["train"]["strategy"].default
+    args.launcher = args.launcher or common.default_launcher()
     if args.quick:
         args.model, args.cohort, args.per_rank, args.rounds, args.tau, args.nu = "linear", 4, 4, 3, 2, 1
         args.samples_per_agent, args.strong_only, args.trials = 40, True, 1
-    cores = args.cores or physical_cores()
+    cores = args.cores or common.physical_cores()
     load1 = os.getloadavg()[0]
     free = max(1, min(cores, int(cores - load1 + 0.5)))
     if args.threads_per_rank == "auto":
@@ -284,12 +287,8 @@ def main(argv=None) -> int:
     info = common.machine_info(device)
     info["cores_used"] = cores
     info["launcher"] = args.launcher
-    info["loadavg_start"] = os.getloadavg()
-    try:
-        from mpi4py import MPI
-        info["mpi_library"] = " ".join(MPI.Get_library_version().split())[:120]
-    except Exception as e:   # noqa: BLE001 - informational only
-        info["mpi_library"] = f"unknown ({type(e).__name__})"
+    from mpi4py import MPI
+    info["mpi_library"] = " ".join(MPI.Get_library_version().split())[:120]
     info["threads_choice"] = threads_reason
     print(f"device {device} ({info['device_name']}), {cores} cores, ranks {ranks}, launcher {args.launcher!r}, "
           f"load average {info['loadavg_start'][0]:.1f}; threads: {threads_reason}")
@@ -347,7 +346,7 @@ def main(argv=None) -> int:
             ("bytes_allreduced", "AR bytes", "{:,}"), ("allreduce_bandwidth_GBps", "AR GB/s", "{:.2f}"),
             ("cores_busy", "cores busy", "{:.2f}"), ("compute_time_median_s", "compute s (slowest rank)", "{:.4f}"),
             ("load_imbalance", "slowest/fastest", "{:.2f}"), ("strategy_used", "strategy", "")]
-    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy or 'default (' + args.strategy_default + ')'}; "
+    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy or 'default (' + common.default_strategy() + ')'}; "
           f"medians over rounds 2..{args.rounds}")
     print(common.table(rows, cols))
 
@@ -378,36 +377,13 @@ def main(argv=None) -> int:
                             ("allreduce_share", "metrics share", "{:.2%}"), ("allreduce_probe_s", "probe AR s", "{:.5f}"),
                             ("allreduce_share_probe", "probe share", "{:.3%}"), ("allreduce_wait_s", "wait s", "{:.5f}")]))
 
-    targets = {}
-    s2 = next((r for r in rows if r["kind"] == "strong" and r["P"] == 2 and "efficiency" in r), None)
-    if s2:
-        targets["strong_efficiency_P2"] = {"target": f">= {STRONG_EFF_TARGET:.0%} at P=2 on {cores} cores",
-                                           "measured": s2["efficiency"], "met": bool(s2["efficiency"] >= STRONG_EFF_TARGET)}
-    shares = [r["allreduce_share"] for r in rows if r["P"] > 1 and "allreduce_share" in r]
-    if shares:
-        worst = max(shares)
-        targets["allreduce_share"] = {"target": f"Allreduce < {AR_SHARE_TARGET:.0%} of round time ({args.model}; "
-                                                f"metrics.h5 allreduce_time, which includes waiting for the slower rank)",
-                                      "measured_max_over_P>1": worst, "met": bool(worst < AR_SHARE_TARGET)}
-        pshares = [r["allreduce_share_probe"] for r in rows if "allreduce_share_probe" in r]
-        if pshares:
-            targets["allreduce_share"]["probe_max_over_P>1"] = max(pshares)
-            targets["allreduce_share"]["probe_met"] = bool(max(pshares) < AR_SHARE_TARGET)
-    for name, t in targets.items():
-        m = t.get("measured", t.get("measured_max_over_P>1"))
-        print(f"target {name}: {t['target']}: measured {m:.2%} -> {'MET' if t['met'] else 'MISSED'}")
-
-    info["loadavg_end"] = os.getloadavg()
-    print(f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}")
-    wall = time.perf_counter() - t_start
-    payload = {"benchmark": "scaling", "machine": info,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"ranks": ranks, "cores": cores},
-               "rows": rows, "allreduce_probe": probes, "targets": targets, "wall_s": wall}
-    out = common.out_path(args.out, "scaling")
-    common.write_json(out, payload)
+    targets = assess(rows, args.model, cores)
+    common.print_targets(targets, args.quick)
+    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"ranks": ranks, "cores": cores}
+    common.finish("scaling", args.out, info, t_start, {"quick": args.quick, "settings": settings, "rows": rows,
+                                                      "allreduce_probe": probes, "targets": targets})
     if not args.workdir and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nwrote {out} ({wall:.0f} s)")
     return 0 if all("error" not in r for r in rows) else 1
 
 
