@@ -129,8 +129,8 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=7"],
+                             capture_output=True, text=True, timeout=10)      # "-dirty": uncommitted changes
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -299,7 +299,6 @@ class Rounds(NamedTuple):
     cfg: object                   # mpifedmeta.run.config.Config
     evaluate: Callable
     strategy: str                 # the strategy description of the start-up line
-    world: object                 # mpifedmeta.parallel.dist.World
     setup_s: float                # seconds of the set-up (population, block, model, backend, initial model)
     strategy_s: float             # seconds of resolving train.strategy (timing the candidates under auto)
 
@@ -328,7 +327,7 @@ def engine_rounds(overrides: list[str], world=None) -> Rounds:
             raise RuntimeError(f"round {r} diverged (non-finite or out-of-range local models)")
         return new
 
-    return Rounds(step, w0, s.layout, cfg, lambda w, r: runner.evaluate(s, w, r), chosen, world, t1 - t0, t2 - t1)
+    return Rounds(step, w0, s.layout, cfg, lambda w, r: runner.evaluate(s, w, r), chosen, t1 - t0, t2 - t1)
 
 
 # --------------------------------------------------------------------------- output

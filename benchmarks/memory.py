@@ -82,7 +82,6 @@ class _Sampler(threading.Thread):
 def child(args) -> dict:
     import torch
     from baseline import LoopBaseline
-    from mpifedmeta.core import metagrad
 
     if int(args.threads) > 0:
         torch.set_num_threads(int(args.threads))
