@@ -66,6 +66,29 @@ def analytic_fo_mlp(p: common.Problem) -> int | None:
     return (p.nu + 1) * p.B * per_grad
 
 
+def measure_config(model, nu, method, B, args, device, peak: dict) -> list[dict]:
+    """Counted FLOPs and interleaved timings of every variant on one block; one row per variant."""
+    p = common.Problem(model, B, nu, method, batch=args.batch, device=device)
+    base = LoopBaseline(p.model)
+    fns = {v: (lambda: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, p.nu, ALPHA, p.method, DELTA))
+           if v == "baseline" else common.engine_block(p, v, args.chunk, ALPHA, DELTA) for v in args.variants}
+    counts = {v: count_flops(fn) for v, fn in fns.items()}
+    analytic = analytic_fo_mlp(p) if method == "fo" else None
+    for v, (c, _) in counts.items():
+        if analytic is not None and c != analytic:
+            raise SystemExit(f"flop counter disagrees with the analytic count for fo ({v}: {c} vs {analytic})")
+    t = common.interleaved(fns, device, args.repeats, args.budget)
+    rows = []
+    for v in fns:
+        flops, per_op = counts[v]
+        g = flops / t[v]["median_s"] / 1e9
+        rows.append({"model": model, "nu": nu, "method": method, "B": B, "variant": v, "flops": flops,
+                     "flops_per_agent": flops / B, "flops_by_op": per_op, "analytic_fo_flops": analytic,
+                     "median_s": t[v]["median_s"], "timing": t[v], "gflops": g,
+                     "fraction_of_peak": g / peak["gflops_median"], "agent_steps_per_s": B / t[v]["median_s"]})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (ν=1, block 4, peak on 512×512)")
@@ -105,31 +128,9 @@ def main(argv=None) -> int:
 
     rows = []
     for model, nu, method, B in itertools.product(args.models, args.nus, args.methods, args.blocks):
-        p = common.Problem(model, B, nu, method, batch=args.batch, device=device)
-        base = LoopBaseline(p.model)
-        fns = {}
-        for v in args.variants:
-            if v == "baseline":
-                fns[v] = lambda p=p, base=base: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, p.nu, ALPHA,
-                                                                          p.method, DELTA)
-            else:
-                fns[v] = common.engine_block(p, v, args.chunk, ALPHA, DELTA)
-        counts = {v: count_flops(fn) for v, fn in fns.items()}
-        analytic = analytic_fo_mlp(p) if method == "fo" else None
-        if analytic is not None:
-            for v, (c, _) in counts.items():
-                if c != analytic:
-                    raise SystemExit(f"flop counter disagrees with the analytic count for fo ({v}: {c} vs {analytic})")
-        t = common.interleaved(fns, device, args.repeats, args.budget)
-        for v in fns:
-            flops, per_op = counts[v]
-            g = flops / t[v]["median_s"] / 1e9
-            rows.append({"model": model, "nu": nu, "method": method, "B": B, "variant": v, "flops": flops,
-                         "flops_per_agent": flops / B, "flops_by_op": per_op, "analytic_fo_flops": analytic,
-                         "median_s": t[v]["median_s"], "timing": t[v], "gflops": g,
-                         "fraction_of_peak": g / peak["gflops_median"], "agent_steps_per_s": B / t[v]["median_s"]})
+        rows += measure_config(model, nu, method, B, args, device, peak)
         print(f"  measured {model} ν={nu} {method} B={B}: " +
-              ", ".join(f"{r['variant']} {r['gflops']:.1f} GFLOP/s" for r in rows[-len(fns):]), flush=True)
+              ", ".join(f"{r['variant']} {r['gflops']:.1f} GFLOP/s" for r in rows[-len(args.variants):]), flush=True)
 
     cols = [("model", "model", ""), ("nu", "ν", ""), ("method", "method", ""), ("B", "B", ""), ("variant", "variant", ""),
             ("flops_per_agent", "MFLOP/agent", "{:.1f}"), ("median_s", "s/call", "{:.4f}"), ("gflops", "GFLOP/s", "{:.2f}"),

@@ -60,6 +60,47 @@ def agent_meta_gradient_rr(loss, params, X, Y, idx, mask, nu: int, alpha: float)
     return g, value
 
 
+def compile_into(row: dict, fns: dict, rr, p, ref, device) -> None:
+    """``rr`` through torch.compile as fns["compiled_rr"] (its compile time and error vs the engine in
+    ``row``), or the compile error in ``row``."""
+    comp = torch.compile(rr, dynamic=False)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = comp(p.params, p.idx, p.mask, p.X, p.Y)
+        common.sync(device)
+    except Exception as e:   # noqa: BLE001 - report, do not hide
+        row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return
+    row["compile_s"] = time.perf_counter() - t0
+    row["rel_err_vs_engine"]["compiled_rr"] = common.rel_err(out[0], ref)
+    fns["compiled_rr"] = lambda: comp(p.params, p.idx, p.mask, p.X, p.Y)
+
+
+def measure_nu(nu: int, args, device) -> dict:
+    p = common.Problem(args.model, args.block, nu, "exact", batch=args.batch, device=device)
+    base = LoopBaseline(p.model)
+    rr = vmap(lambda a, i, m, X, Y: agent_meta_gradient_rr(p.loss, a, X, Y, i, m, nu, ALPHA),
+              in_dims=(0, 0, 0, None, None))
+    fns = {"baseline": lambda: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, nu, ALPHA, "exact"),
+           "engine_vmap": common.engine_block(p, "vmap", alpha=ALPHA),
+           "vmap_rr": lambda: rr(p.params, p.idx, p.mask, p.X, p.Y)}
+    ref = fns["engine_vmap"]()[0]
+    row = {"model": args.model, "nu": nu, "B": args.block, "batch": args.batch,
+           "rel_err_vs_engine": {"vmap_rr": common.rel_err(fns["vmap_rr"]()[0], ref),
+                                 "baseline": common.rel_err(fns["baseline"]()[0], ref)}}
+    if args.compile:
+        compile_into(row, fns, rr, p, ref, device)
+    t = common.interleaved(fns, device, args.repeats, args.budget)
+    row["timings"] = t
+    for k, v in t.items():
+        row[f"{k}_aps"] = args.block / v["median_s"]
+        if k != "baseline":
+            row[f"{k}_speedup"] = row[f"{k}_aps"] / row["baseline_aps"]
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: ν=1, block 4, no compile")
@@ -85,38 +126,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     rows = []
     for nu in args.nus:
-        p = common.Problem(args.model, args.block, nu, "exact", batch=args.batch, device=device)
-        base = LoopBaseline(p.model)
-        rr = vmap(lambda a, i, m, X, Y: agent_meta_gradient_rr(p.loss, a, X, Y, i, m, nu, ALPHA),
-                  in_dims=(0, 0, 0, None, None))
-        fns = {"baseline": lambda: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, nu, ALPHA, "exact"),
-               "engine_vmap": common.engine_block(p, "vmap", alpha=ALPHA),
-               "vmap_rr": lambda: rr(p.params, p.idx, p.mask, p.X, p.Y)}
-        ref = fns["engine_vmap"]()[0]
-        row = {"model": args.model, "nu": nu, "B": args.block, "batch": args.batch,
-               "rel_err_vs_engine": {"vmap_rr": common.rel_err(fns["vmap_rr"]()[0], ref),
-                                     "baseline": common.rel_err(fns["baseline"]()[0], ref)}}
-        if args.compile:
-            comp = torch.compile(rr, dynamic=False)
-            t0 = time.perf_counter()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out = comp(p.params, p.idx, p.mask, p.X, p.Y)
-                common.sync(device)
-                row["compile_s"] = time.perf_counter() - t0
-                row["rel_err_vs_engine"]["compiled_rr"] = common.rel_err(out[0], ref)
-                fns["compiled_rr"] = lambda comp=comp: comp(p.params, p.idx, p.mask, p.X, p.Y)
-            except Exception as e:   # noqa: BLE001 - report, do not hide
-                row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        t = common.interleaved(fns, device, args.repeats, args.budget)
-        row["timings"] = t
-        for k, v in t.items():
-            row[f"{k}_aps"] = args.block / v["median_s"]
-            if k != "baseline":
-                row[f"{k}_speedup"] = row[f"{k}_aps"] / row["baseline_aps"]
-        rows.append(row)
-        print(f"  measured ν={nu}: " + ", ".join(f"{k} {row[k + '_aps']:.1f}" for k in t), flush=True)
+        rows.append(measure_nu(nu, args, device))
+        print(f"  measured ν={nu}: " + ", ".join(f"{k} {rows[-1][k + '_aps']:.1f}" for k in rows[-1]["timings"]),
+              flush=True)
 
     cols = [("nu", "ν", ""), ("B", "B", ""), ("baseline_aps", "baseline", "{:.1f}"), ("engine_vmap_aps", "engine vmap", "{:.1f}"),
             ("vmap_rr_aps", "vmap rr", "{:.1f}"), ("compiled_rr_aps", "compiled rr", "{:.1f}"),

@@ -191,6 +191,19 @@ def plot(rows, path, args, device_label) -> str | None:
     return path
 
 
+def ratios(by: dict, rows: list[dict], nu: int, variants: list[str]) -> dict:
+    """One line of the table: every variant's peak at ν, exact/fo, recompute/fo, unrolled/exact, exact in B·d copies."""
+    t = {"nu": nu, **{v: by.get((v, nu)) for v in variants}}
+    for name, a, b in (("exact/fo", "exact", "fo"), ("recompute/fo", "recompute", "fo"),
+                       ("unrolled/exact", "unrolled", "exact")):
+        if by.get((a, nu)) and by.get((b, nu)):
+            t[name] = by[(a, nu)] / by[(b, nu)]
+    if by.get(("exact", nu)):
+        t["exact_copies"] = by[("exact", nu)] / next(r["result_mb"] for r in rows
+                                                     if r.get("variant") == "exact" and r["nu"] == nu)
+    return t
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: ν=1, block 4, unrolled and fo")
@@ -235,21 +248,7 @@ def main(argv=None) -> int:
             print(f"  ν={nu:>2} {v:>9}: {msg}", flush=True)
 
     by = {(r["variant"], r["nu"]): r.get("peak_mb") for r in rows}
-    table_rows = []
-    for nu in args.nus:
-        t = {"nu": nu}
-        for v in args.variants:
-            t[v] = by.get((v, nu))
-        if by.get(("exact", nu)) and by.get(("fo", nu)):
-            t["exact/fo"] = by[("exact", nu)] / by[("fo", nu)]
-        if by.get(("recompute", nu)) and by.get(("fo", nu)):
-            t["recompute/fo"] = by[("recompute", nu)] / by[("fo", nu)]
-        if by.get(("unrolled", nu)) and by.get(("exact", nu)):
-            t["unrolled/exact"] = by[("unrolled", nu)] / by[("exact", nu)]
-        if by.get(("exact", nu)):
-            res = next(r["result_mb"] for r in rows if r.get("variant") == "exact" and r["nu"] == nu)
-            t["exact_copies"] = by[("exact", nu)] / res
-        table_rows.append(t)
+    table_rows = [ratios(by, rows, nu, args.variants) for nu in args.nus]
     cols = [("nu", "ν", "")] + [(v, v + " MiB", "{:.1f}") for v in args.variants]
     cols += [("exact/fo", "exact/fo", "{:.2f}"), ("recompute/fo", "recompute/fo", "{:.2f}"),
              ("unrolled/exact", "unrolled/exact", "{:.2f}"),

@@ -1,13 +1,13 @@
 """Cost of a population vs its size N: start-up, seconds per round and peak memory at a fixed cohort.
 
-For every point (population kind, N, cohort K, ranks P) a fresh ``mpiexec -n P`` process runs the
-engine's own code path in-process: ``runner.setup`` (the population, the model, the evaluated
-agents), then rounds exactly as ``runner.train`` runs them (``runner._run_round``: cohort, weights,
-the rank's built share of the cohort, ``local_round``, the Allreduce, the server step) without file
-output, and one evaluation (all through ``common.engine_rounds``). Measured per point: start-up
-(``runner.setup`` seconds; the interpreter, the imports and the strategy choice are reported
-apart), the median seconds per round (the first round is a warm-up; the slowest rank per round),
-the evaluation's seconds and the peak resident memory of each rank (``ru_maxrss``).
+For every point (population kind, N, cohort K, ranks P) a fresh ``mpiexec -n P`` process sets a run
+up in-process exactly as ``mpifedmeta run`` does (the population, the model, the evaluated agents),
+then runs its rounds as the training loop runs them (cohort, weights, the rank's built share of the
+cohort, the local round, the Allreduce, the server step) without file output, and one evaluation —
+all through ``common.engine_rounds``. Measured per point: start-up (the set-up's seconds; the
+interpreter, the imports and the strategy choice are reported apart), the median seconds per round
+(the first round is a warm-up; the slowest rank per round), the evaluation's seconds and the peak
+resident memory of each rank (``ru_maxrss``).
 
 Populations: ``synthetic`` (FedProx Synthetic(1, 1), samples per agent capped at 1000) and
 ``virtual`` (virtual-shards agents over MNIST-5k, 50 samples and 2 classes each). Model: multinomial
@@ -16,7 +16,7 @@ logistic regression, ν = 1 exact, τ = 5 local steps, batch 10, 100 evaluated a
 Targets: round time and peak memory at N = 10^6 within 10% of N = 10^3 at the same
 cohort; start-up at N = 10^6 under 5 s; N = 10^7 with a cohort of 1000 runs.
 
-    python benchmarks/population.py                 # the default grid (~10 min on 2 busy cores)
+    python benchmarks/population.py                 # the default grid (~4 minutes on 2 cores)
     python benchmarks/population.py --rounds 10     # steadier medians (default 5)
     python benchmarks/population.py --quick         # seconds: the smoke setting
 """
@@ -139,7 +139,7 @@ def plot(rows: list[dict], path: str) -> None:
         axes[0].plot(Ns, [r["round_median_s"] for _, r in pts], **style)
         axes[1].plot(Ns, [r["peak_rss_mb"] for _, r in pts], **style)
         axes[2].plot(Ns, [r["startup_s"] for _, r in pts], **style)
-    for ax, title in zip(axes, ("seconds per round (median)", "peak RSS per rank (MB)", "start-up: runner.setup (s)")):
+    for ax, title in zip(axes, ("seconds per round (median)", "peak RSS per rank (MB)", "start-up: the set-up (s)")):
         ax.set_xscale("log")
         ax.set_xlabel("agents in the population N")
         ax.set_title(title, fontsize=10)
