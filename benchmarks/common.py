@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmark scripts: device choice, timing, machine description, synthetic
-federated problems (MNIST-shaped random data), JSON output and plain-text tables.
+"""Shared scaffolding of the benchmark scripts: device choice, timing, machine description, synthetic
+federated problems (MNIST-shaped random data), the engine driven in-process, launch commands, JSON
+output, plain-text tables and the one ending every benchmark has (:func:`finish`).
 
 Nothing here hard-codes a result: every number the scripts print or write is measured when they run.
 """
@@ -10,11 +11,13 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -25,8 +28,9 @@ if REPO not in sys.path:          # run from a checkout without installing the p
     sys.path.insert(0, REPO)
 
 from mpifedmeta.core import metagrad, reference  # noqa: E402
-from mpifedmeta.parallel import devices
+from mpifedmeta.engine import backends, compiled as compiled_rounds  # noqa: E402
 from mpifedmeta.models import build_model, param_dict  # noqa: E402
+from mpifedmeta.parallel import devices  # noqa: E402
 
 # Every script measures under the allocator setting `mpifedmeta run` uses (the baselines in the same process too).
 HOST_ALLOCATOR = devices.tune_host_allocator(os.environ)
@@ -34,7 +38,7 @@ IN_SHAPE = (1, 28, 28)       # MNIST-like images
 NUM_CLASSES = 10
 
 
-# --------------------------------------------------------------------------- device and timing
+# --------------------------------------------------------------------------- device, threads and timing
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' = the first CUDA GPU when torch sees one, else the CPU."""
     if name == "auto":
@@ -49,32 +53,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, warmup: int = 1, repeats: int = 5, budget_s: float | None = None) -> dict:
-    """Run ``fn`` ``warmup`` times, then time ``repeats`` calls (synchronising a GPU around each).
+def physical_cores() -> int:
+    """CPUs this process may run on, ignoring OMP_NUM_THREADS (which `nproc` would obey)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    With ``budget_s``, fewer repeats (at least 3) are made when the warm-up shows that ``repeats``
-    calls would take longer than the budget. Returns median/min/max seconds and all samples.
-    """
-    t_warm = None
-    for _ in range(max(warmup, 0)):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        t_warm = time.perf_counter() - t0
-    n = repeats
-    if budget_s is not None and t_warm is not None and t_warm * repeats > budget_s:
-        n = max(3, int(budget_s / max(t_warm, 1e-9)))
-        n = min(n, repeats)
-    samples = []
-    for _ in range(n):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
-            "repeats": n, "warmup": warmup, "samples_s": samples}
+
+def free_cores() -> int:
+    """The cores not kept busy by other processes (1-minute load average), at least 1."""
+    cores = physical_cores()
+    return max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
 
 
 def choose_threads(arg: str, device: torch.device) -> dict:
@@ -82,11 +69,9 @@ def choose_threads(arg: str, device: torch.device) -> dict:
     them busy (1-minute load average), then the cores left free (at least 1).
 
     Multi-threaded torch collapses on an oversubscribed machine (every parallel region waits for a
-    descheduled thread: 10-100x slower, measured on the shared 2-core machine of benchmarks/README.md),
-    which would make every timing meaningless; "auto" avoids it and the JSON records why.
+    descheduled thread; busy_node.py measures it), which would make every timing meaningless;
+    "auto" avoids it and the JSON records why.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if device.type == "cuda":
         return {"threads": torch.get_num_threads(), "reason": "GPU run: CPU threads left at torch's default"}
     if arg != "auto":
@@ -94,12 +79,40 @@ def choose_threads(arg: str, device: torch.device) -> dict:
         if n > 0:
             torch.set_num_threads(n)
         return {"threads": torch.get_num_threads(), "reason": "--threads" if n > 0 else "torch default"}
-    free = max(1, min(cores, int(cores - load1 + 0.5)))
+    cores, free, load1 = physical_cores(), free_cores(), os.getloadavg()[0]
     torch.set_num_threads(free)
     why = (f"all {cores} cores (load average {load1:.1f})" if free == cores else
            f"{free} of {cores} cores: load average {load1:.1f} from other processes (multi-threaded torch "
            f"collapses when oversubscribed); pass --threads {cores} to force")
     return {"threads": free, "reason": why}
+
+
+def interleaved(fns: dict, device, repeats: int, budget_s: float) -> dict:
+    """Warm up every variant once, then time them in turn (A, B, C, A, B, C, ...) so that a noisy
+    machine slows them alike; fewer repeats (>= 3) when the warm-up shows more than ``budget_s``.
+    Returns per variant the median/min/max seconds, the CPU seconds and every sample."""
+    warm = {}
+    for name, fn in fns.items():
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        warm[name] = time.perf_counter() - t0
+    per_round = sum(warm.values())
+    n = repeats if per_round * repeats <= budget_s else max(3, min(repeats, int(budget_s / max(per_round, 1e-9))))
+    samples = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "repeats": n,
+                   "cpu_s_median": statistics.median(cpu[name]), "warmup_s": warm[name], "samples_s": s}
+            for name, s in samples.items()}
 
 
 # --------------------------------------------------------------------------- machine description
@@ -116,15 +129,16 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=7"],
+                             capture_output=True, text=True, timeout=10)      # "-dirty": uncommitted changes
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def machine_info(device: torch.device) -> dict:
-    """Everything needed to judge a number: versions, device, cores, threads, date, command."""
+    """Everything needed to judge a number: versions, device, cores, threads, date, command, and the
+    load average now (the start of the run; :func:`finish` adds the one at its end)."""
     import mpifedmeta
     info = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -132,20 +146,40 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch_version": str(torch.__version__),
-        "mpifedmeta_version": getattr(mpifedmeta, "__version__", "?"),
+        "mpifedmeta_version": mpifedmeta.__version__,
         "git_commit": _git_commit(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_affinity": physical_cores(),
         "torch_threads": torch.get_num_threads(),
         "host_allocator": HOST_ALLOCATOR,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv and sys.argv[0] else "?"] + sys.argv[1:]),
+        "loadavg_start": os.getloadavg(),
     }
     if device.type == "cuda":
         info["cuda_version"] = torch.version.cuda
     return info
+
+
+# --------------------------------------------------------------------------- launching runs
+def default_launcher() -> str:
+    """The MPI launch command with {P}: the venv's mpiexec (mpich wheel), else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return (shlex.quote(here) if os.path.exists(here) else "mpiexec") + " -n {P}"
+
+
+def mpifedmeta_cmd() -> list[str]:
+    """The command that starts `mpifedmeta` (the venv's entry point, else python -m)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mpifedmeta")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mpifedmeta"]
+
+
+def read_run(out_dir: str):
+    """A finished run's metrics.h5: ``.train`` {column: array} and ``.attrs`` (strategy, num_params, ...)."""
+    from mpifedmeta.storage import metrics
+    return metrics.read(out_dir)
 
 
 # --------------------------------------------------------------------------- synthetic problems
@@ -153,7 +187,8 @@ class Problem:
     """A block of B agents with MNIST-shaped random data and the stacked global model.
 
     ``X``/``Y``: the block's samples (``samples_per_agent`` per agent, agent a owns rows
-    a·S … a·S+S−1); ``idx``/``mask``: (B, [τ,] slots, batch) sample indices as the engine uses them.
+    a·S … a·S+S−1); ``idx``/``mask``: (B, [τ,] slots, batch) sample indices as the engine uses them;
+    ``params``: {name: (B, *shape)} every agent's copy of the global model.
     """
 
     def __init__(self, model_name: str, B: int, nu: int, method: str, batch: int = 32, device="cpu",
@@ -175,7 +210,6 @@ class Problem:
         self.idx = (offsets + torch.randint(0, S, shape, generator=g)).to(device)
         self.mask = torch.ones(shape, dtype=dtype, device=device)
         w = {k: v.to(device) for k, v in param_dict(self.model).items()}
-        self.global_params = w
         self.params = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in w.items()}
         self.num_params = sum(v.numel() for v in w.values())
 
@@ -191,32 +225,25 @@ def rel_err(a: dict, b: dict) -> float:
 
 
 # --------------------------------------------------------------------------- the engine's backends
-class Unavailable(Exception):
-    """This engine cannot run the requested variant (the message says why, one line)."""
-
-
 def engine_strategies() -> tuple[str, ...]:
     """The engine's backends by name (``train.strategy`` without ``auto``)."""
-    return tuple(metagrad.STRATEGIES)
+    return tuple(backends.BACKENDS)
 
 
-def _backend(p: "Problem", strategy: str, chunk: int):
-    from mpifedmeta.engine import backends
-    if strategy not in engine_strategies():
-        raise Unavailable(f"this engine has no strategy {strategy!r} (it has {', '.join(engine_strategies())})")
-    try:
-        return backends.make(p.model, strategy, chunk)
-    except ValueError as e:
-        raise Unavailable(str(e).splitlines()[0]) from None
+def default_strategy() -> str:
+    """The engine's default ``train.strategy`` (what a run uses when the config does not say)."""
+    from mpifedmeta.run import config
+    return config.SCHEMA["train"]["strategy"].default
 
 
-def engine_block(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3,
+def engine_block(p: Problem, strategy: str, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3,
                  recompute: bool = False, unrolled: bool = False):
     """A no-argument callable: one ``block_meta_gradients`` call of the engine on ``p`` with backend
-    ``strategy``, returning ({name: (B, ...) gradient}, losses). Raises Unavailable if it cannot run."""
+    ``strategy`` (or, ``unrolled``, the reference that differentiates through the unrolled inner
+    loop), returning ({name: (B, ...) gradient}, losses)."""
     if unrolled:
         return lambda: reference.block_meta_gradients_unrolled(p.loss, p.params, p.X, p.Y, p.idx, p.mask, p.nu, alpha)
-    be = _backend(p, strategy, chunk)
+    be = backends.make(p.model, strategy, chunk)
     meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta, recompute)
     theta = [p.params[n] for n in be.layout.names]
 
@@ -226,40 +253,27 @@ def engine_block(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.
     return call
 
 
-def engine_local_update(p: "Problem", strategy: str, chunk: int = 16, alpha: float = 0.01, beta: float = 0.001,
+def engine_local_update(p: Problem, strategy: str, chunk: int = 16, alpha: float = 0.01, beta: float = 0.001,
                         delta: float = 1e-3, compiled: bool = False):
     """A no-argument callable: one ``local_update`` (τ chained meta-steps, ``p.idx`` (B, τ, slots, b))
     from the block's starting models (copied first, as the engine copies the global model into
     each chunk), returning ({name: final local models}, losses)."""
-    be = _backend(p, strategy, chunk)
+    be = backends.make(p.model, strategy, chunk)
     meta = metagrad.MetaSpec(p.nu, alpha, p.method, delta)
     start = be.layout.flatten(p.params, 1)
-    capture = "compile" if compiled else "off"
+    mode = "compile" if compiled else "off"
 
     def call():
-        theta, losses = metagrad.local_update(be, start.clone(), p.X, p.Y, p.idx, p.mask, meta, beta, capture)
+        theta, losses = compiled_rounds.local_update(mode, be, start.clone(), p.X, p.Y, p.idx, p.mask, meta, beta)
         return be.layout.split(theta), losses
     return call
 
 
-def engine_auto(p: "Problem", device, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3) -> dict:
-    """The backend the engine's ``train.strategy = "auto"`` picks for this block (its own timing rule)."""
-    import inspect
-    import time as _time
-    try:
-        from mpifedmeta.engine import strategy as strat
-    except ImportError:
-        return {"strategy": None, "error": "mpifedmeta.engine.strategy not available"}
-    if not hasattr(strat, "measure"):
-        return {"strategy": None, "error": "mpifedmeta.engine.strategy.measure not available"}
-    cands = list(getattr(strat, "CANDIDATES", engine_strategies()))
-    usable = []
-    for c in cands:
-        try:
-            engine_block(p, c, chunk, alpha, delta)
-            usable.append(c)
-        except Unavailable:
-            pass
+def engine_auto(p: Problem, device, chunk: int = 16, alpha: float = 0.01, delta: float = 1e-3) -> dict:
+    """The backend ``train.strategy = "auto"`` picks for this block: the engine's own timing rule
+    (strategy.measure) over its candidates, each timed on one block call."""
+    from mpifedmeta.engine import strategy as strat
+    cands = [c for c in strat.CANDIDATES if c != "stacked" or backends.has_stacked_form(p.model)]
     fns = {}
 
     def step(cand, ch):
@@ -267,11 +281,50 @@ def engine_auto(p: "Problem", device, chunk: int = 16, alpha: float = 0.01, delt
             fns[cand, ch] = engine_block(p, cand, ch, alpha, delta)
         fns[cand, ch]()
 
-    t0 = _time.perf_counter()
-    kw = {"candidates": usable} if "candidates" in inspect.signature(strat.measure).parameters else {}
-    choice = strat.measure(step, device, chunk, p.B, **kw)
-    return {"strategy": choice.strategy, "chunk": choice.chunk, "via": "mpifedmeta.engine.strategy.measure",
-            "candidates": usable, "seconds": dict(choice.seconds), "selection_s": _time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    choice = strat.measure(step, device, chunk, p.B, candidates=cands)
+    return {"strategy": choice.strategy, "chunk": choice.chunk, "candidates": cands,
+            "seconds": dict(choice.seconds), "selection_s": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- whole rounds in-process
+class Rounds(NamedTuple):
+    """A run set up in this process, as `mpifedmeta run` sets it up, without file output.
+
+    ``step(w, r)``: round r from the flat global model w (d,), the new w (RuntimeError if it diverged);
+    ``evaluate(w, r)``: the personalized evaluation of round r (the metrics row on rank 0)."""
+    step: Callable
+    w0: torch.Tensor
+    layout: object                # mpifedmeta.core.layout.ParamLayout
+    cfg: object                   # mpifedmeta.run.config.Config
+    evaluate: Callable
+    strategy: str                 # the strategy description of the start-up line
+    setup_s: float                # seconds of the set-up (population, block, model, initial model, backend and agent chunk)
+    strategy_s: float             # part of setup_s spent choosing the strategy (not measured apart: 0)
+
+
+def engine_rounds(overrides: list[str], world=None) -> Rounds:
+    """The engine's rounds for the config ``overrides`` (SECTION.KEY=VALUE), on ``world`` (default:
+    this process alone). The ONE place the benchmarks drive the engine's round API."""
+    from mpifedmeta.parallel import dist
+    from mpifedmeta.run import config, session
+    if world is None:
+        from mpi4py import MPI
+        world = dist.World(MPI.COMM_SELF, 0, 1, 0, 1)
+    if not any(o.startswith("output.dir=") for o in overrides):
+        overrides = overrides + ['output.dir="/nonexistent/never-written"']
+    cfg = config.load(None, overrides)
+    t0 = time.perf_counter()
+    s = session.setup(cfg, world)          # strategy and agent chunk chosen (timed for "auto") inside
+    t1 = time.perf_counter()
+
+    def step(w, r):
+        new = s.round.run(w, r).w
+        if new is None:
+            raise RuntimeError(f"round {r} diverged (non-finite or out-of-range local models)")
+        return new
+
+    return Rounds(step, s.w0, s.layout, cfg, s.round.evaluate, s.strategy_line, t1 - t0, 0.0)
 
 
 # --------------------------------------------------------------------------- output
@@ -313,13 +366,33 @@ def out_path(arg: str | None, name: str) -> str:
     return arg if arg else os.path.join(RESULTS, f"{name}.json")
 
 
+def target(text: str, measured: float | None, limit: float, at_most: bool = False, fmt: str = "{:.2f}",
+           **extra) -> dict:
+    """A target as the JSON records it: what, the measured figure (None: not measured, ``why`` may
+    say why), the limit, met, how to print the figure (``fmt``) and what it is made of (``detail``)."""
+    met = None if measured is None else bool(measured <= limit if at_most else measured >= limit)
+    return {"target": text, "measured": measured, "limit": limit, "at_most": at_most, "met": met, "fmt": fmt, **extra}
+
+
+def verdict(t: dict) -> str:
+    return "not measured" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+
+
+def print_targets(targets: dict, quick: bool = False) -> None:
+    """One line per target; a --quick run's are only a smoke test (tiny sizes, not the target's work)."""
+    for t in targets.values():
+        figure = "–" if t["measured"] is None else t["fmt"].format(t["measured"])
+        figure += f" ({t['detail']})" if t.get("detail") else ""
+        print(f"target: {t['target']}: {figure} -> {verdict(t)}" + (f" ({t['why']})" if t.get("why") else "")
+              + (" [--quick: not the target's work]" if quick else ""))
+
+
 def finish(name: str, out: str | None, info: dict, t_start: float, payload: dict) -> str:
     """The end of every benchmark: the load average at the end, the JSON (``out`` or
     results/<name>.json) with the machine description and the wall time, one closing line."""
     info["loadavg_end"] = os.getloadavg()
     wall = time.perf_counter() - t_start
     path = write_json(out_path(out, name), {"benchmark": name, "machine": info, **payload, "wall_s": wall})
-    start = info.get("loadavg_start", (float("nan"),))[0]
-    print(f"load average at start {start:.2f}, at end {info['loadavg_end'][0]:.2f}")
+    print(f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}")
     print(f"\nwrote {path} ({wall:.0f} s)")
     return path

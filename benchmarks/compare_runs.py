@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mpifedmeta.storage import checkpoint, hdf5, metrics  # noqa: E402
 
+
 def is_timing(column: str) -> bool:
     """Measured times (wall_time, round_time, allreduce_time, compute_time, ...) differ between runs by nature."""
     return "time" in column

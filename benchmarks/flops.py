@@ -34,21 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import common  # noqa: E402
 from baseline import LoopBaseline  # noqa: E402
 from mpifedmeta.core import metagrad  # noqa: E402
-from throughput import interleaved  # noqa: E402
 
 ALPHA, DELTA = 0.01, 1e-3
-PEAK_TARGET = 0.50          # issue 11: exact ν=3 meta-step, MLP 784-80-60-10, 32 agents
-
-
-def default_strategy() -> str:
-    from mpifedmeta.run import config
-    return config.SCHEMA["train"]["strategy"].default
 
 
 def matmul_peak(device, n: int, repeats: int, dtype=torch.float32) -> dict:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = common.time_call(lambda: torch.mm(a, b), device, warmup=2, repeats=repeats)
+    t = common.interleaved({"mm": lambda: torch.mm(a, b)}, device, repeats, float("inf"))["mm"]
     flops = 2.0 * n ** 3
     return {"n": n, "dtype": str(dtype), "flops": flops, "median_s": t["median_s"], "min_s": t["min_s"],
             "gflops_median": flops / t["median_s"] / 1e9, "gflops_best": flops / t["min_s"] / 1e9,
@@ -73,6 +66,29 @@ def analytic_fo_mlp(p: common.Problem) -> int | None:
     return (p.nu + 1) * p.B * per_grad
 
 
+def measure_config(model, nu, method, B, args, device, peak: dict) -> list[dict]:
+    """Counted FLOPs and interleaved timings of every variant on one block; one row per variant."""
+    p = common.Problem(model, B, nu, method, batch=args.batch, device=device)
+    base = LoopBaseline(p.model)
+    fns = {v: (lambda: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, p.nu, ALPHA, p.method, DELTA))
+           if v == "baseline" else common.engine_block(p, v, args.chunk, ALPHA, DELTA) for v in args.variants}
+    counts = {v: count_flops(fn) for v, fn in fns.items()}
+    analytic = analytic_fo_mlp(p) if method == "fo" else None
+    for v, (c, _) in counts.items():
+        if analytic is not None and c != analytic:
+            raise SystemExit(f"flop counter disagrees with the analytic count for fo ({v}: {c} vs {analytic})")
+    t = common.interleaved(fns, device, args.repeats, args.budget)
+    rows = []
+    for v in fns:
+        flops, per_op = counts[v]
+        g = flops / t[v]["median_s"] / 1e9
+        rows.append({"model": model, "nu": nu, "method": method, "B": B, "variant": v, "flops": flops,
+                     "flops_per_agent": flops / B, "flops_by_op": per_op, "analytic_fo_flops": analytic,
+                     "median_s": t[v]["median_s"], "timing": t[v], "gflops": g,
+                     "fraction_of_peak": g / peak["gflops_median"], "agent_steps_per_s": B / t[v]["median_s"]})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (ν=1, block 4, peak on 512×512)")
@@ -83,7 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--variants", nargs="+", default=None, choices=("stacked", "vmap", "chunked", "loop", "baseline"),
                     help="engine backends and/or the baseline loop (default: the engine's default strategy, vmap, "
-                         "baseline; a backend this engine lacks is skipped with a note)")
+                         "baseline)")
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per configuration (>= 3 repeats)")
@@ -95,7 +111,7 @@ def main(argv=None) -> int:
                          'other processes (load average), see common.choose_threads')
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/flops.json)")
     args = ap.parse_args(argv)
-    default = default_strategy()
+    default = common.default_strategy()
     if args.variants is None:
         args.variants = list(dict.fromkeys([default, "vmap", "baseline"]))
     if args.quick:
@@ -104,43 +120,17 @@ def main(argv=None) -> int:
     threads = common.choose_threads(args.threads, device)
     info = common.machine_info(device)
     info["threads_choice"] = threads["reason"]
-    info["loadavg_start"] = os.getloadavg()
     print(f"device {device} ({info['device_name']}), torch {info['torch_version']}, {info['torch_threads']} torch threads ({threads['reason']})")
     t_start = time.perf_counter()
     peak = matmul_peak(device, args.peak_n, args.peak_repeats)
     print(f"reference: {args.peak_n}×{args.peak_n} float32 matmul, median {peak['gflops_median']:.1f} GFLOP/s "
           f"(best {peak['gflops_best']:.1f})")
 
-    rows, notes = [], {}
+    rows = []
     for model, nu, method, B in itertools.product(args.models, args.nus, args.methods, args.blocks):
-        p = common.Problem(model, B, nu, method, batch=args.batch, device=device)
-        base = LoopBaseline(p.model)
-        fns = {}
-        for v in args.variants:
-            if v == "baseline":
-                fns[v] = lambda p=p, base=base: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, p.nu, ALPHA,
-                                                                          p.method, DELTA)
-            else:
-                try:
-                    fns[v] = common.engine_block(p, v, args.chunk, ALPHA, DELTA)
-                except common.Unavailable as e:
-                    notes.setdefault(v, str(e))
-        counts = {v: count_flops(fn) for v, fn in fns.items()}
-        analytic = analytic_fo_mlp(p) if method == "fo" else None
-        if analytic is not None:
-            for v, (c, _) in counts.items():
-                if c != analytic:
-                    raise SystemExit(f"flop counter disagrees with the analytic count for fo ({v}: {c} vs {analytic})")
-        t = interleaved(fns, device, args.repeats, args.budget)
-        for v in fns:
-            flops, per_op = counts[v]
-            g = flops / t[v]["median_s"] / 1e9
-            rows.append({"model": model, "nu": nu, "method": method, "B": B, "variant": v, "flops": flops,
-                         "flops_per_agent": flops / B, "flops_by_op": per_op, "analytic_fo_flops": analytic,
-                         "median_s": t[v]["median_s"], "timing": t[v], "gflops": g,
-                         "fraction_of_peak": g / peak["gflops_median"], "agent_steps_per_s": B / t[v]["median_s"]})
+        rows += measure_config(model, nu, method, B, args, device, peak)
         print(f"  measured {model} ν={nu} {method} B={B}: " +
-              ", ".join(f"{r['variant']} {r['gflops']:.1f} GFLOP/s" for r in rows[-len(fns):]), flush=True)
+              ", ".join(f"{r['variant']} {r['gflops']:.1f} GFLOP/s" for r in rows[-len(args.variants):]), flush=True)
 
     cols = [("model", "model", ""), ("nu", "ν", ""), ("method", "method", ""), ("B", "B", ""), ("variant", "variant", ""),
             ("flops_per_agent", "MFLOP/agent", "{:.1f}"), ("median_s", "s/call", "{:.4f}"), ("gflops", "GFLOP/s", "{:.2f}"),
@@ -149,29 +139,10 @@ def main(argv=None) -> int:
     print(f"\nachieved FLOP/s (FlopCounterMode, matmul/conv FLOPs only) vs the matmul reference "
           f"{peak['gflops_median']:.1f} GFLOP/s")
     print(common.table(disp, cols))
-    for v, why in notes.items():
-        print(f"  {v} not timed: {why}")
-    targets = {}
-    t = next((r for r in rows if r["model"] == "mlp" and r["nu"] == 3 and r["method"] == "exact" and r["B"] == 32
-              and r["variant"] == default), None)
-    if t:
-        targets["exact_nu3_mlp_32"] = {"target": f">= {PEAK_TARGET:.0%} of the measured matmul rate (exact ν=3 meta-step, "
-                                                 f"MLP 784-80-60-10, 32 agents, engine default strategy)",
-                                       "strategy": default, "measured": t["fraction_of_peak"],
-                                       "met": bool(t["fraction_of_peak"] >= PEAK_TARGET)}
-        print(f"target: exact ν=3 MLP 32 agents ({default}) >= {PEAK_TARGET:.0%} of the matmul rate: "
-              f"{t['fraction_of_peak']:.1%} -> {'MET' if targets['exact_nu3_mlp_32']['met'] else 'MISSED'}")
-    info["loadavg_end"] = os.getloadavg()
-    print(f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}")
-    wall = time.perf_counter() - t_start
-    payload = {"benchmark": "flops", "flop_count": "torch.utils.flop_counter.FlopCounterMode on one call "
-               "(matmul/bmm/conv only; fo checked against the analytic count)", "machine": info,
-               "peak_reference": peak, "settings": {k: v for k, v in vars(args).items() if k != "out"}
-               | {"default_strategy": default, "engine_strategies": list(common.engine_strategies())},
-               "rows": rows, "notes": notes, "targets": targets, "wall_s": wall}
-    out = common.out_path(args.out, "flops")
-    common.write_json(out, payload)
-    print(f"\nwrote {out} ({wall:.0f} s)")
+    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"default_strategy": default}
+    common.finish("flops", args.out, info, t_start, {
+        "flop_count": "torch.utils.flop_counter.FlopCounterMode on one call (matmul/bmm/conv only; fo checked "
+                      "against the analytic count)", "peak_reference": peak, "settings": settings, "rows": rows})
     return 0
 
 

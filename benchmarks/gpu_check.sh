@@ -3,7 +3,7 @@
 # to OUTDIR, a summary (PASS / FAIL / TIMEOUT and seconds per step) in OUTDIR/summary.txt.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR                 # on one GPU node, <= 10 minutes
-#   bash benchmarks/gpu_check.sh OUTDIR --device cpu    # the same steps, small sizes: a smoke test (~2 min on 2 idle cores)
+#   bash benchmarks/gpu_check.sh OUTDIR --device cpu    # the same steps, small sizes: a smoke test (under a minute on 2 idle cores)
 #
 # Steps: install check; `mpifedmeta info` on 2 ranks; the quickstart on P = 1, 2, 3 ranks and P = 1 again,
 # final checkpoints and metrics compared bit for bit; throughput of the MLP, nu in {1, 5}, exact, 32 and 256

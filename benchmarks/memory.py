@@ -38,6 +38,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
+
 VARIANTS = ("unrolled", "exact", "recompute", "fo", "hf", "baseline")
 RATIO_TARGET = 2.0
 ALPHA, DELTA = 0.01, 1e-3
@@ -79,9 +81,7 @@ class _Sampler(threading.Thread):
 
 def child(args) -> dict:
     import torch
-    import common
     from baseline import LoopBaseline
-    from mpifedmeta.core import metagrad
 
     if int(args.threads) > 0:
         torch.set_num_threads(int(args.threads))
@@ -138,6 +138,17 @@ def child(args) -> dict:
 
 
 # --------------------------------------------------------------------------- parent
+def assess(by: dict, nu: int) -> dict:
+    """Exact (stored iterates, and recomputed) over first-order peak memory at the largest ν."""
+    targets = {}
+    for variant, what in (("exact", "exact-recursive"), ("recompute", "exact with train.recompute")):
+        if by.get((variant, nu)) and by.get(("fo", nu)):
+            targets[f"{variant}_over_fo"] = common.target(
+                f"{what} / fo peak memory at ν={nu} <= {RATIO_TARGET}", by[(variant, nu)] / by[("fo", nu)],
+                RATIO_TARGET, at_most=True, nu=nu)
+    return targets
+
+
 def run_child(args, variant: str, nu: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant, "--nu", str(nu),
            "--block", str(args.block), "--model", args.model, "--batch", str(args.batch), "--device", args.device,
@@ -180,6 +191,19 @@ def plot(rows, path, args, device_label) -> str | None:
     return path
 
 
+def ratios(by: dict, rows: list[dict], nu: int, variants: list[str]) -> dict:
+    """One line of the table: every variant's peak at ν, exact/fo, recompute/fo, unrolled/exact, exact in B·d copies."""
+    t = {"nu": nu, **{v: by.get((v, nu)) for v in variants}}
+    for name, a, b in (("exact/fo", "exact", "fo"), ("recompute/fo", "recompute", "fo"),
+                       ("unrolled/exact", "unrolled", "exact")):
+        if by.get((a, nu)) and by.get((b, nu)):
+            t[name] = by[(a, nu)] / by[(b, nu)]
+    if by.get(("exact", nu)):
+        t["exact_copies"] = by[("exact", nu)] / next(r["result_mb"] for r in rows
+                                                     if r.get("variant") == "exact" and r["nu"] == nu)
+    return t
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: ν=1, block 4, unrolled and fo")
@@ -204,7 +228,6 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
 
-    import common
     if args.quick:
         args.nus, args.block, args.variants, args.calls = [1], 4, ["unrolled", "fo"], 1
     device = common.pick_device(args.device)
@@ -213,7 +236,6 @@ def main(argv=None) -> int:
     args.threads = str(threads["threads"]) if device.type == "cpu" else "0"
     info = common.machine_info(device)
     info["threads_choice"] = threads["reason"]
-    info["loadavg_start"] = os.getloadavg()
     print(f"device {device} ({info['device_name']}), torch {info['torch_version']}, {info['cpu_count']} CPUs, "
           f"{args.threads} torch threads per child ({threads['reason']})")
     t_start = time.perf_counter()
@@ -226,21 +248,7 @@ def main(argv=None) -> int:
             print(f"  ν={nu:>2} {v:>9}: {msg}", flush=True)
 
     by = {(r["variant"], r["nu"]): r.get("peak_mb") for r in rows}
-    table_rows = []
-    for nu in args.nus:
-        t = {"nu": nu}
-        for v in args.variants:
-            t[v] = by.get((v, nu))
-        if by.get(("exact", nu)) and by.get(("fo", nu)):
-            t["exact/fo"] = by[("exact", nu)] / by[("fo", nu)]
-        if by.get(("recompute", nu)) and by.get(("fo", nu)):
-            t["recompute/fo"] = by[("recompute", nu)] / by[("fo", nu)]
-        if by.get(("unrolled", nu)) and by.get(("exact", nu)):
-            t["unrolled/exact"] = by[("unrolled", nu)] / by[("exact", nu)]
-        if by.get(("exact", nu)):
-            res = next(r["result_mb"] for r in rows if r.get("variant") == "exact" and r["nu"] == nu)
-            t["exact_copies"] = by[("exact", nu)] / res
-        table_rows.append(t)
+    table_rows = [ratios(by, rows, nu, args.variants) for nu in args.nus]
     cols = [("nu", "ν", "")] + [(v, v + " MiB", "{:.1f}") for v in args.variants]
     cols += [("exact/fo", "exact/fo", "{:.2f}"), ("recompute/fo", "recompute/fo", "{:.2f}"),
              ("unrolled/exact", "unrolled/exact", "{:.2f}"),
@@ -251,34 +259,17 @@ def main(argv=None) -> int:
           f"one copy of the block's parameters B·d = {res_mb:.2f} MiB")
     print(common.table(table_rows, cols))
 
-    nu_max = max(args.nus)
-    targets = {}
-    if by.get(("exact", nu_max)) and by.get(("fo", nu_max)):
-        ratio = by[("exact", nu_max)] / by[("fo", nu_max)]
-        targets["exact_over_fo"] = {"target": f"exact-recursive / fo peak memory at ν={nu_max} <= {RATIO_TARGET}",
-                                    "nu": nu_max, "measured": ratio, "met": bool(ratio <= RATIO_TARGET)}
-        print(f"\ntarget: exact-recursive / fo at ν={nu_max} <= {RATIO_TARGET}: measured {ratio:.2f} -> "
-              f"{'MET' if ratio <= RATIO_TARGET else 'MISSED'}")
-    if by.get(("recompute", nu_max)) and by.get(("fo", nu_max)):
-        ratio = by[("recompute", nu_max)] / by[("fo", nu_max)]
-        targets["recompute_over_fo"] = {"target": f"exact (train.recompute) / fo peak memory at ν={nu_max} <= {RATIO_TARGET}",
-                                        "nu": nu_max, "measured": ratio, "met": bool(ratio <= RATIO_TARGET)}
-        print(f"target: exact with train.recompute / fo at ν={nu_max} <= {RATIO_TARGET}: measured {ratio:.2f} -> "
-              f"{'MET' if ratio <= RATIO_TARGET else 'MISSED'}")
-    if by.get(("unrolled", nu_max)) and by.get(("exact", nu_max)):
-        print(f"unrolled / recursive at ν={nu_max}: {by[('unrolled', nu_max)] / by[('exact', nu_max)]:.2f}x")
-    info["loadavg_end"] = os.getloadavg()
+    targets = assess(by, max(args.nus))
+    print()
+    common.print_targets(targets, args.quick)
     out = common.out_path(args.out, "memory")
     png = plot(rows, os.path.splitext(out)[0] + ".png", args, f"{info['device']} ({info['device_name']})")
-    wall = time.perf_counter() - t_start
-    payload = {"benchmark": "memory", "unit": "MiB (peak growth during one block_meta_gradients call)",
-               "machine": info, "settings": {"model": args.model, "block": args.block, "batch": args.batch,
-                                             "nus": args.nus, "variants": args.variants, "calls": args.calls,
-                                             "dtype": "float32", "strategy": "vmap", "measure": measure,
-                                             "quick": args.quick, "child_env": "MALLOC_MMAP_THRESHOLD_=65536"},
-               "rows": rows, "table": table_rows, "targets": targets, "plot": png, "wall_s": wall}
-    common.write_json(out, payload)
-    print(f"\nwrote {out}" + (f" and {png}" if png else "") + f" ({wall:.0f} s)")
+    settings = {"model": args.model, "block": args.block, "batch": args.batch, "nus": args.nus,
+                "variants": args.variants, "calls": args.calls, "dtype": "float32", "strategy": "vmap",
+                "measure": measure, "child_env": "MALLOC_MMAP_THRESHOLD_=65536"}
+    common.finish("memory", args.out, info, t_start, {
+        "unit": "MiB (peak growth during one block_meta_gradients call)", "quick": args.quick, "settings": settings,
+        "rows": rows, "table": table_rows, "targets": targets, "plot": png})
     return 0 if all("peak_mb" in r for r in rows) else 1
 
 

@@ -1,21 +1,22 @@
 """Cost of a population vs its size N: start-up, seconds per round and peak memory at a fixed cohort.
 
-For every point (population kind, N, cohort K, ranks P) a fresh ``mpiexec -n P`` process runs the
-engine's own code path in-process: ``runner.setup`` (the population, the model, the evaluated
-agents), then rounds exactly as ``runner.train`` runs them (``runner._run_round``: cohort, weights,
-the rank's built share of the cohort, ``local_round``, the Allreduce, the server step) without file
-output, and one evaluation. Measured per point: start-up (``runner.setup`` seconds; the interpreter and ``import
-torch`` are reported apart), the median seconds per round (the first round is a warm-up), the
-evaluation's seconds and the peak resident memory of each rank (``ru_maxrss``).
+For every point (population kind, N, cohort K, ranks P) a fresh ``mpiexec -n P`` process sets a run
+up in-process exactly as ``mpifedmeta run`` does (the population, the model, the evaluated agents),
+then runs its rounds as the training loop runs them (cohort, weights, the rank's built share of the
+cohort, the local round, the Allreduce, the server step) without file output, and one evaluation —
+all through ``common.engine_rounds``. Measured per point: start-up (the set-up's seconds; the
+interpreter, the imports and the strategy choice are reported apart), the median seconds per round
+(the first round is a warm-up; the slowest rank per round), the evaluation's seconds and the peak
+resident memory of each rank (``ru_maxrss``).
 
 Populations: ``synthetic`` (FedProx Synthetic(1, 1), samples per agent capped at 1000) and
 ``virtual`` (virtual-shards agents over MNIST-5k, 50 samples and 2 classes each). Model: multinomial
 logistic regression, ν = 1 exact, τ = 5 local steps, batch 10, 100 evaluated agents.
 
-Targets (issue 14): round time and peak memory at N = 10^6 within 10% of N = 10^3 at the same
+Targets: round time and peak memory at N = 10^6 within 10% of N = 10^3 at the same
 cohort; start-up at N = 10^6 under 5 s; N = 10^7 with a cohort of 1000 runs.
 
-    python benchmarks/population.py                 # the default grid (~10 min on 2 busy cores)
+    python benchmarks/population.py                 # the default grid (~4 minutes on 2 cores)
     python benchmarks/population.py --rounds 10     # steadier medians (default 5)
     python benchmarks/population.py --quick         # seconds: the smoke setting
 """
@@ -26,10 +27,10 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 T_START = time.perf_counter()
@@ -56,42 +57,39 @@ def overrides(kind: str, N: int, K: int, rounds: int, eval_agents: int) -> list[
 def worker(args) -> None:
     t_py = time.perf_counter() - T_START
     t0 = time.perf_counter()
+    import common
     from mpifedmeta.parallel import dist
-    from mpifedmeta.run import config, runner
     t_import = time.perf_counter() - t0
     world = dist.init_world()
-    cfg = config.load(None, json.loads(args.worker))
-    t0 = time.perf_counter()
-    s = runner.setup(cfg, world)
-    params = runner.initial_params(s)
-    t_setup = time.perf_counter() - t0
-    times = []
-    for r in range(1, cfg.train.rounds + 1):
+    run = common.engine_rounds(json.loads(args.worker), world)
+    w, times = run.w0, []
+    for r in range(1, run.cfg.train.rounds + 1):
         dist.barrier(world)
         t0 = time.perf_counter()
-        params, meta_loss, bad, _, _ = runner._run_round(s, params, r)   # exactly a round of runner.train
+        w = run.step(w, r)
         times.append(time.perf_counter() - t0)
     dist.barrier(world)
     t0 = time.perf_counter()
-    runner.evaluate(s, params, cfg.train.rounds)
+    run.evaluate(w, run.cfg.train.rounds)
     t_eval = time.perf_counter() - t0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    every = dist.allgather(world, {"rss_mb": rss_mb, "setup_s": t_setup, "round_s": times})
+    every = dist.allgather(world, {"rss_mb": rss_mb, "setup_s": run.setup_s, "strategy_s": run.strategy_s,
+                                   "round_s": times})
     if world.is_root:
         timed = [max(e["round_s"][i] for e in every) for i in range(len(times))][1:] or times
         print("RESULT " + json.dumps({
-            "startup_s": max(e["setup_s"] for e in every), "python_start_s": t_py, "import_s": t_import,
+            "startup_s": max(e["setup_s"] for e in every), "strategy_s": max(e["strategy_s"] for e in every),
+            "python_start_s": t_py, "import_s": t_import, "strategy": run.strategy,
             "round_median_s": statistics.median(timed), "round_min_s": min(timed), "round_s": timed,
             "eval_s": t_eval, "peak_rss_mb_per_rank": [e["rss_mb"] for e in every],
-            "peak_rss_mb": max(e["rss_mb"] for e in every), "final_meta_loss": meta_loss}), flush=True)
+            "peak_rss_mb": max(e["rss_mb"] for e in every)}), flush=True)
 
 
 # --------------------------------------------------------------------------- driver
 def run_point(args, kind: str, N: int, K: int, P: int) -> dict:
     sets = overrides(kind, N, K, args.rounds, args.eval_agents)
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    cmd = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(P), sys.executable, os.path.abspath(__file__),
-           "--worker", json.dumps(sets)]
+    cmd = shlex.split(args.launcher.format(P=P)) + [sys.executable, os.path.abspath(__file__), "--worker",
+                                                    json.dumps(sets)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     row = {"kind": kind, "N": N, "cohort": K, "P": P, "load_before": os.getloadavg()[0]}
@@ -107,7 +105,7 @@ def run_point(args, kind: str, N: int, K: int, P: int) -> dict:
 
 
 def assess(rows: list[dict]) -> list[dict]:
-    """The issue's targets, met or missed, with the figures."""
+    """The targets, met or missed, with the figures."""
     by = {(r["kind"], r["N"], r["cohort"], r["P"]): r for r in rows if r.get("ok")}
     out = []
     for (kind, N, K, P), big in sorted(by.items()):
@@ -141,7 +139,7 @@ def plot(rows: list[dict], path: str) -> None:
         axes[0].plot(Ns, [r["round_median_s"] for _, r in pts], **style)
         axes[1].plot(Ns, [r["peak_rss_mb"] for _, r in pts], **style)
         axes[2].plot(Ns, [r["startup_s"] for _, r in pts], **style)
-    for ax, title in zip(axes, ("seconds per round (median)", "peak RSS per rank (MB)", "start-up: runner.setup (s)")):
+    for ax, title in zip(axes, ("seconds per round (median)", "peak RSS per rank (MB)", "start-up: the set-up (s)")):
         ax.set_xscale("log")
         ax.set_xlabel("agents in the population N")
         ax.set_title(title, fontsize=10)
@@ -166,17 +164,17 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-agents", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every rank (default 1)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per point")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "population.json"))
+    ap.add_argument("--launcher", default=None, help='MPI launch command with {P} (default "mpiexec -n {P}")')
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/population.json); PNG alongside")
     args = ap.parse_args(argv)
     if args.worker is not None:
         worker(args)
         return 0
     if args.quick:
         args.sizes, args.cohorts, args.ranks, args.rounds, args.eval_agents = [1e3, 1e5], [20], [1], 2, 20
-    from common import machine_info, write_json
-    import torch
-    info = machine_info(torch.device("cpu"))
-    info["load_average_before"] = os.getloadavg()
+    import common
+    args.launcher = args.launcher or common.default_launcher()
+    info = common.machine_info(common.pick_device("cpu"))
     rows = []
     t_all = time.perf_counter()
     print(f"{'kind':>9} {'N':>9} {'K':>5} {'P':>2} {'start-up s':>10} {'s/round':>8} {'eval s':>7} {'RSS MB':>7} {'load':>5}")
@@ -193,19 +191,17 @@ def main(argv=None) -> int:
                               f"{r['eval_s']:>7.2f} {r['peak_rss_mb']:>7.0f} {r['load_before']:>5.1f}", flush=True)
                     else:
                         print(f"{kind:>9} {N:>9} {K:>5} {P:>2} FAILED: {r['error']}", flush=True)
-    info["load_average_after"] = os.getloadavg()
     targets = assess(rows)
-    print("\ntargets (issue 14)")
+    print("\ntargets")
     for t in targets:
         figs = ", ".join(f"{k} {v:.3g}" for k, v in t.items() if isinstance(v, float))
         print(f"  {'MET   ' if t['met'] else 'MISSED'} {t['target']} [{t['kind']}, K={t['cohort']}, P={t['P']}]: {figs}")
-    png = os.path.splitext(args.out)[0] + ".png"
+    png = os.path.splitext(common.out_path(args.out, "population"))[0] + ".png"
     if any(r.get("ok") for r in rows):
         plot(rows, png)
-    write_json(args.out, {"benchmark": "population", "machine": info, "seconds": time.perf_counter() - t_all,
-                          "settings": {k: v for k, v in vars(args).items() if k != "worker"},
-                          "rows": rows, "targets": targets, "plot": os.path.basename(png)})
-    print(f"\nwrote {args.out} and {png} ({time.perf_counter() - t_all:.0f} s)")
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out")}
+    common.finish("population", args.out, info, t_all, {"quick": args.quick, "settings": settings, "rows": rows,
+                                                         "targets": targets, "plot": os.path.basename(png)})
     return 0 if all(r.get("ok") for r in rows) else 1
 
 

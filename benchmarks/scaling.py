@@ -48,18 +48,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
+
 AR_SHARE_TARGET = 0.05
 STRONG_EFF_TARGET = 0.80
-
-
-def physical_cores() -> int:
-    """CPUs this process may run on, ignoring OMP_NUM_THREADS (which `nproc` would obey)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_launcher() -> str:
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return (shlex.quote(here) if os.path.exists(here) else "mpiexec") + " -n {P}"
 
 
 def make_dataset(path: str, n: int, seed: int = 0) -> str:
@@ -136,8 +128,7 @@ def run_point(args, cfg: str, workdir: str, kind: str, P: int, cohort: int, thre
     if proc.returncode != 0:
         row["error"] = " | ".join(text.strip().splitlines()[-4:])
         return row
-    from mpifedmeta.storage import metrics
-    run = metrics.read(out)
+    run = common.read_run(out)
     rt, ar, nb = run.train["round_time"], run.train["allreduce_time"], run.train["bytes_allreduced"]
     # per-rank compute time of the round (engines that log it): slowest and fastest rank
     ct, ct_min = run.train.get("compute_time"), run.train.get("compute_time_min")
@@ -200,7 +191,25 @@ def run_probe(args, P: int, nbytes: int) -> dict:
     return dict(json.loads(r.stdout.strip().splitlines()[-1]), cmd=shlex.join(cmd))
 
 
-def main(argv=None) -> int:
+def assess(rows: list[dict], model: str, cores: int) -> dict:
+    """Strong-scaling efficiency at P = 2 and the largest Allreduce share of a round (P > 1)."""
+    targets = {}
+    s2 = next((r for r in rows if r["kind"] == "strong" and r["P"] == 2 and "efficiency" in r), None)
+    if s2:
+        targets["strong_efficiency_P2"] = common.target(f"strong-scaling efficiency >= {STRONG_EFF_TARGET:.0%} at P=2 "
+                                                        f"on {cores} cores", s2["efficiency"], STRONG_EFF_TARGET,
+                                                        fmt="{:.1%}")
+    shares = [r for r in rows if r["P"] > 1 and "allreduce_share" in r]
+    if shares:
+        worst = max(shares, key=lambda r: r["allreduce_share"])
+        targets["allreduce_share"] = common.target(
+            f"Allreduce < {AR_SHARE_TARGET:.0%} of round time ({model}; metrics.h5 allreduce_time, which includes "
+            "waiting for the slower rank)", worst["allreduce_share"], AR_SHARE_TARGET, at_most=True, fmt="{:.2%}",
+            probe=worst.get("allreduce_share_probe"))
+    return targets
+
+
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run: linear model, 4 agents, 3 rounds of τ=2, strong scaling P = 1, 2 only")
@@ -221,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=2,
                     help="runs per point, alternating between the points; the least disturbed one (lowest median "
                          "round time) is reported, all are recorded (default 2)")
-    ap.add_argument("--strategy", default=None,
+    ap.add_argument("--strategy", default=None, choices=("auto",) + common.engine_strategies(),
                     help="train.strategy of the runs: one of the engine's backends or auto (default: the engine's "
                          "default; the strategy a run used is read back from metrics.h5)")
     ap.add_argument("--dataset", default="random", help='"random" (generated npz, default) or an engine dataset name')
@@ -231,7 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads-per-rank", default="auto",
                     help='threads per rank: N; "fill" = max(1, cores // P); or "auto" (default) = the same with only '
                          'the cores that other processes leave free (1-minute load average at start)')
-    ap.add_argument("--launcher", default=default_launcher(),
+    ap.add_argument("--launcher", default=None,
                     help='launch command with {P}, default "mpiexec -n {P}"; under SLURM e.g. "srun --mpi=pmi2 -n {P}"')
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     ap.add_argument("--workdir", default=None, help="where configs, data and runs go (default: a temporary directory)")
@@ -241,56 +250,121 @@ def main(argv=None) -> int:
                     help="skip the stand-alone Allreduce probe (barrier-aligned, same buffer size)")
     ap.add_argument("--ar-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.ar_probe is not None:
-        allreduce_probe(args.ar_probe, 200)
-        return 0
-
-    import common
-    from mpifedmeta.run import config as engine_config
-    known = ("auto",) + common.engine_strategies()
-    if args.strategy is not None and args.strategy not in known:
-        ap.error(f"--strategy {args.strategy!r}: this engine has {', '.join(known)}")
-    if args.strategy is None:
-        args.strategy_default = engine_config.SCHEMA["train"]["strategy"].default
     if args.quick:
         args.model, args.cohort, args.per_rank, args.rounds, args.tau, args.nu = "linear", 4, 4, 3, 2, 1
         args.samples_per_agent, args.strong_only, args.trials = 40, True, 1
-    cores = args.cores or physical_cores()
+    return args
+
+
+def thread_rule(mode: str, cores: int):
+    """(P -> threads per rank, why): N; "fill" = cores // P; "auto" = free cores // P."""
     load1 = os.getloadavg()[0]
     free = max(1, min(cores, int(cores - load1 + 0.5)))
-    if args.threads_per_rank == "auto":
-        threads_for = lambda P: max(1, free // P)          # noqa: E731
-        threads_reason = (f"P × threads = {cores} cores" if free == cores else
-                          f"only {free} of {cores} cores free (load average {load1:.1f} from other processes; "
-                          f"multi-threaded torch collapses when oversubscribed): threads per rank = max(1, {free} // P); "
-                          f"pass --threads-per-rank to force")
-    elif args.threads_per_rank == "fill":
-        threads_for = lambda P: max(1, cores // P)         # noqa: E731
-        threads_reason = f"--threads-per-rank fill: P × threads = {cores} cores whatever the load ({load1:.1f})"
-    else:
-        threads_for = lambda P: int(args.threads_per_rank)  # noqa: E731
-        threads_reason = "--threads-per-rank"
+    if mode == "auto":
+        why = (f"P × threads = {cores} cores" if free == cores else
+               f"only {free} of {cores} cores free (load average {load1:.1f} from other processes; multi-threaded "
+               f"torch collapses when oversubscribed): threads per rank = max(1, {free} // P); pass "
+               "--threads-per-rank to force")
+        return (lambda P: max(1, free // P)), why
+    if mode == "fill":
+        return (lambda P: max(1, cores // P)), (f"--threads-per-rank fill: P × threads = {cores} cores whatever "
+                                                f"the load ({load1:.1f})")
+    return (lambda P: int(mode)), "--threads-per-rank"
+
+
+def rank_list(args, cores: int) -> list[int]:
+    """--ranks, else P = 1, 2, 4, ... up to --max-ranks (default: the cores; at least 1 and 2)."""
     if args.ranks:
-        ranks = sorted(set(args.ranks))
-    else:
-        top = args.max_ranks or (2 if args.quick else max(cores, 1))
-        ranks, P = [], 1
-        while P <= top:
-            ranks.append(P)
-            P *= 2
-        if len(ranks) == 1 and top >= 2:
-            ranks.append(2)
+        return sorted(set(args.ranks))
+    top = args.max_ranks or (2 if args.quick else max(cores, 1))
+    ranks = [2 ** k for k in range(top.bit_length()) if 2 ** k <= top]
+    return ranks if len(ranks) > 1 or top < 2 else ranks + [2]
+
+
+def run_trials(args, cfg: str, workdir: str, plan: list, threads_for) -> list[dict]:
+    """Every distinct point of ``plan`` ``--trials`` times, alternating; the least disturbed trial per row."""
+    distinct = list(dict.fromkeys((P, cohort, threads_for(P)) for _, P, cohort in plan))   # strong/weak P=1 may coincide
+    trials = {key: [] for key in distinct}
+    for t in range(max(1, args.trials)):
+        for P, cohort, threads in (distinct if t % 2 == 0 else distinct[::-1]):
+            r = run_point(args, cfg, workdir, "point", P, cohort, threads)
+            trials[P, cohort, threads].append(r)
+            if "error" in r:
+                print(f"  trial {t + 1}: P={P} cohort {cohort}: ERROR {r['error']}", flush=True)
+            else:
+                print(f"  trial {t + 1}: P={P} ({threads} thr/rank, cohort {cohort}): round "
+                      f"{r['round_time_median_s'] * 1e3:.1f} ms, Allreduce {r['allreduce_time_median_s'] * 1e3:.2f} ms, "
+                      f"load average {r['loadavg_before'][0]:.1f} ({r['wall_s']:.0f} s run)", flush=True)
+    rows = []
+    for kind, P, cohort in plan:
+        runs = trials[P, cohort, threads_for(P)]
+        ok = [r for r in runs if "error" not in r]
+        best = min(ok, key=lambda r: r["round_time_median_s"]) if ok else runs[-1]
+        rows.append(dict(best, kind=kind, trials_round_time_median_s=[r.get("round_time_median_s") for r in runs]))
+    for kind in ("strong", "weak"):
+        base = next((r for r in rows if r["kind"] == kind and r["P"] == 1 and "error" not in r), None)
+        for r in rows:
+            if r["kind"] == kind and "error" not in r and base is not None:
+                s = base["round_time_median_s"] / r["round_time_median_s"]
+                r["speedup"] = s if kind == "strong" else None
+                r["efficiency"] = s / r["P"] if kind == "strong" else s
+    return rows
+
+
+def probe_rows(args, ranks: list[int], rows: list[dict]) -> list[dict]:
+    """The stand-alone Allreduce of the runs' bytes for every P > 1, and its share of each row's round."""
+    nbytes = next((r["bytes_allreduced"] for r in rows if "bytes_allreduced" in r), None)
+    probes = [run_probe(args, P, nbytes) for P in ranks if P > 1] if args.probe and nbytes else []
+    for pr in probes:
+        print(f"Allreduce probe P={pr['P']}: ERROR {pr['error']}" if "error" in pr else
+              f"Allreduce probe P={pr['P']}, {pr['bytes']:,} bytes, barrier-aligned: median "
+              f"{pr['median_s'] * 1e6:.0f} µs = {pr['bandwidth_GBps']:.2f} GB/s")
+    for r in rows:
+        pr = next((q for q in probes if q.get("P") == r["P"] and "median_s" in q), None)
+        if pr and "round_time_median_s" in r:
+            r["allreduce_probe_s"] = pr["median_s"]
+            r["allreduce_share_probe"] = pr["median_s"] / r["round_time_median_s"]
+            r["allreduce_wait_s"] = max(0.0, r["allreduce_time_median_s"] - pr["median_s"])
+    return probes
+
+
+def print_rows(args, rows: list[dict]) -> None:
+    cols = [("kind", "scaling", ""), ("P", "P", ""), ("threads_per_rank", "thr/rank", ""), ("cohort", "cohort", ""),
+            ("round_time_median_s", "round s", "{:.3f}"), ("agent_steps_per_s", "agent·steps/s", "{:.0f}"),
+            ("speedup", "speedup", "{:.2f}"), ("efficiency", "efficiency", "{:.0%}"),
+            ("allreduce_time_median_s", "Allreduce s", "{:.5f}"), ("allreduce_share", "AR share", "{:.2%}"),
+            ("bytes_allreduced", "AR bytes", "{:,}"), ("allreduce_bandwidth_GBps", "AR GB/s", "{:.2f}"),
+            ("cores_busy", "cores busy", "{:.2f}"), ("compute_time_median_s", "compute s (slowest rank)", "{:.4f}"),
+            ("load_imbalance", "slowest/fastest", "{:.2f}"), ("strategy_used", "strategy", "")]
+    strategy = args.strategy or f"default ({common.default_strategy()})"
+    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {strategy}; "
+          f"medians over rounds 2..{args.rounds}")
+    print(common.table(rows, cols))
+
+
+def print_probe_shares(rows: list[dict]) -> None:
+    print("\nAllreduce share: from metrics.h5 (rank 0's Allreduce call, including the wait for the slower rank) "
+          "and from the probe (the collective alone)")
+    print(common.table([r for r in rows if r["P"] > 1 and "error" not in r],
+                       [("kind", "scaling", ""), ("P", "P", ""), ("allreduce_time_median_s", "metrics AR s", "{:.5f}"),
+                        ("allreduce_share", "metrics share", "{:.2%}"), ("allreduce_probe_s", "probe AR s", "{:.5f}"),
+                        ("allreduce_share_probe", "probe share", "{:.3%}"), ("allreduce_wait_s", "wait s", "{:.5f}")]))
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.ar_probe is not None:
+        allreduce_probe(args.ar_probe, 200)
+        return 0
+    from mpi4py import MPI
+    args.launcher = args.launcher or common.default_launcher()
+    cores = args.cores or common.physical_cores()
+    threads_for, threads_reason = thread_rule(args.threads_per_rank, cores)
+    ranks = rank_list(args, cores)
     device = common.pick_device(args.device)
     info = common.machine_info(device)
-    info["cores_used"] = cores
-    info["launcher"] = args.launcher
-    info["loadavg_start"] = os.getloadavg()
-    try:
-        from mpi4py import MPI
-        info["mpi_library"] = " ".join(MPI.Get_library_version().split())[:120]
-    except Exception as e:   # noqa: BLE001 - informational only
-        info["mpi_library"] = f"unknown ({type(e).__name__})"
-    info["threads_choice"] = threads_reason
+    info.update(cores_used=cores, launcher=args.launcher, threads_choice=threads_reason,
+                mpi_library=" ".join(MPI.Get_library_version().split())[:120])
     print(f"device {device} ({info['device_name']}), {cores} cores, ranks {ranks}, launcher {args.launcher!r}, "
           f"load average {info['loadavg_start'][0]:.1f}; threads: {threads_reason}")
 
@@ -305,109 +379,19 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     plan = [("strong", P, args.cohort) for P in ranks]
-    if not args.strong_only:
-        plan += [("weak", P, args.per_rank * P) for P in ranks]
-    distinct = []                               # strong P=1 and weak P=1 coincide when cohort == per_rank
-    for kind, P, cohort in plan:
-        key = (P, cohort, threads_for(P))
-        if key not in distinct:
-            distinct.append(key)
-    trials = {key: [] for key in distinct}
-    for t in range(max(1, args.trials)):
-        for key in (distinct if t % 2 == 0 else distinct[::-1]):
-            P, cohort, threads = key
-            r = run_point(args, cfg, workdir, "point", P, cohort, threads)
-            trials[key].append(r)
-            if "error" in r:
-                print(f"  trial {t + 1}: P={P} cohort {cohort}: ERROR {r['error']}", flush=True)
-            else:
-                print(f"  trial {t + 1}: P={P} ({threads} thr/rank, cohort {cohort}): round "
-                      f"{r['round_time_median_s'] * 1e3:.1f} ms, Allreduce {r['allreduce_time_median_s'] * 1e3:.2f} ms, "
-                      f"load average {r['loadavg_before'][0]:.1f} ({r['wall_s']:.0f} s run)", flush=True)
-    rows = []
-    for kind, P, cohort in plan:
-        key = (P, cohort, threads_for(P))
-        ok = [r for r in trials[key] if "error" not in r]
-        best = min(ok, key=lambda r: r["round_time_median_s"]) if ok else trials[key][-1]
-        rows.append(dict(best, kind=kind, trials_round_time_median_s=[r.get("round_time_median_s") for r in trials[key]]))
-
-    for kind in ("strong", "weak"):
-        base = next((r for r in rows if r["kind"] == kind and r["P"] == 1 and "error" not in r), None)
-        for r in rows:
-            if r["kind"] != kind or "error" in r or base is None:
-                continue
-            s = base["round_time_median_s"] / r["round_time_median_s"]
-            r["speedup"] = s if kind == "strong" else None
-            r["efficiency"] = s / r["P"] if kind == "strong" else s
-
-    cols = [("kind", "scaling", ""), ("P", "P", ""), ("threads_per_rank", "thr/rank", ""), ("cohort", "cohort", ""),
-            ("round_time_median_s", "round s", "{:.3f}"), ("agent_steps_per_s", "agent·steps/s", "{:.0f}"),
-            ("speedup", "speedup", "{:.2f}"), ("efficiency", "efficiency", "{:.0%}"),
-            ("allreduce_time_median_s", "Allreduce s", "{:.5f}"), ("allreduce_share", "AR share", "{:.2%}"),
-            ("bytes_allreduced", "AR bytes", "{:,}"), ("allreduce_bandwidth_GBps", "AR GB/s", "{:.2f}"),
-            ("cores_busy", "cores busy", "{:.2f}"), ("compute_time_median_s", "compute s (slowest rank)", "{:.4f}"),
-            ("load_imbalance", "slowest/fastest", "{:.2f}"), ("strategy_used", "strategy", "")]
-    print(f"\n{args.model}, ν={args.nu} {args.method}, τ={args.tau}, batch {args.batch}, strategy {args.strategy or 'default (' + args.strategy_default + ')'}; "
-          f"medians over rounds 2..{args.rounds}")
-    print(common.table(rows, cols))
-
-    probes = []
-    nbytes = next((r["bytes_allreduced"] for r in rows if "bytes_allreduced" in r), None)
-    if args.probe and nbytes:
-        for P in ranks:
-            if P > 1:
-                pr = run_probe(args, P, nbytes)
-                probes.append(pr)
-                if "error" in pr:
-                    print(f"Allreduce probe P={P}: ERROR {pr['error']}")
-                else:
-                    print(f"Allreduce probe P={P}, {pr['bytes']:,} bytes, barrier-aligned: median "
-                          f"{pr['median_s'] * 1e6:.0f} µs = {pr['bandwidth_GBps']:.2f} GB/s")
-
-    for r in rows:
-        pr = next((q for q in probes if q.get("P") == r["P"] and "median_s" in q), None)
-        if pr and "round_time_median_s" in r:
-            r["allreduce_probe_s"] = pr["median_s"]
-            r["allreduce_share_probe"] = pr["median_s"] / r["round_time_median_s"]
-            r["allreduce_wait_s"] = max(0.0, r["allreduce_time_median_s"] - pr["median_s"])
+    plan += [] if args.strong_only else [("weak", P, args.per_rank * P) for P in ranks]
+    rows = run_trials(args, cfg, workdir, plan, threads_for)
+    print_rows(args, rows)
+    probes = probe_rows(args, ranks, rows)
     if probes:
-        print("\nAllreduce share: from metrics.h5 (rank 0's Allreduce call, including the wait for the slower rank) "
-              "and from the probe (the collective alone)")
-        print(common.table([r for r in rows if r["P"] > 1 and "error" not in r],
-                           [("kind", "scaling", ""), ("P", "P", ""), ("allreduce_time_median_s", "metrics AR s", "{:.5f}"),
-                            ("allreduce_share", "metrics share", "{:.2%}"), ("allreduce_probe_s", "probe AR s", "{:.5f}"),
-                            ("allreduce_share_probe", "probe share", "{:.3%}"), ("allreduce_wait_s", "wait s", "{:.5f}")]))
-
-    targets = {}
-    s2 = next((r for r in rows if r["kind"] == "strong" and r["P"] == 2 and "efficiency" in r), None)
-    if s2:
-        targets["strong_efficiency_P2"] = {"target": f">= {STRONG_EFF_TARGET:.0%} at P=2 on {cores} cores",
-                                           "measured": s2["efficiency"], "met": bool(s2["efficiency"] >= STRONG_EFF_TARGET)}
-    shares = [r["allreduce_share"] for r in rows if r["P"] > 1 and "allreduce_share" in r]
-    if shares:
-        worst = max(shares)
-        targets["allreduce_share"] = {"target": f"Allreduce < {AR_SHARE_TARGET:.0%} of round time ({args.model}; "
-                                                f"metrics.h5 allreduce_time, which includes waiting for the slower rank)",
-                                      "measured_max_over_P>1": worst, "met": bool(worst < AR_SHARE_TARGET)}
-        pshares = [r["allreduce_share_probe"] for r in rows if "allreduce_share_probe" in r]
-        if pshares:
-            targets["allreduce_share"]["probe_max_over_P>1"] = max(pshares)
-            targets["allreduce_share"]["probe_met"] = bool(max(pshares) < AR_SHARE_TARGET)
-    for name, t in targets.items():
-        m = t.get("measured", t.get("measured_max_over_P>1"))
-        print(f"target {name}: {t['target']}: measured {m:.2%} -> {'MET' if t['met'] else 'MISSED'}")
-
-    info["loadavg_end"] = os.getloadavg()
-    print(f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}")
-    wall = time.perf_counter() - t_start
-    payload = {"benchmark": "scaling", "machine": info,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out",)} | {"ranks": ranks, "cores": cores},
-               "rows": rows, "allreduce_probe": probes, "targets": targets, "wall_s": wall}
-    out = common.out_path(args.out, "scaling")
-    common.write_json(out, payload)
+        print_probe_shares(rows)
+    targets = assess(rows, args.model, cores)
+    common.print_targets(targets, args.quick)
+    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"ranks": ranks, "cores": cores}
+    common.finish("scaling", args.out, info, t_start, {"quick": args.quick, "settings": settings, "rows": rows,
+                                                      "allreduce_probe": probes, "targets": targets})
     if not args.workdir and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nwrote {out} ({wall:.0f} s)")
     return 0 if all("error" not in r for r in rows) else 1
 
 
