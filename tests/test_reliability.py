@@ -103,7 +103,7 @@ def test_run_and_resume_refused_while_another_process_holds_the_lock(finished, c
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     out = str(tmp_path / "o")
-    code = (f"import sys, time; sys.path.insert(0, {REPO!r}); from mpifedmeta import lock; "
+    code = (f"import sys, time; sys.path.insert(0, {REPO!r}); from mpifedmeta.storage import lock; "
             f"l = lock.OutputLock({out!r}); l.acquire(); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
