@@ -5,10 +5,12 @@ Nothing is measured or typed in here: every figure and verdict comes from the ``
 peers.py, throughput.py, roofline.py and busy_node.py wrote into benchmarks/results/*.json (with
 the date, commit and load average of the run); a --quick run's figures are shown but not judged.
 
-    python benchmarks/peers.py && python benchmarks/throughput.py && python benchmarks/roofline.py \\
-        && python benchmarks/busy_node.py
+    bash benchmarks/quiet_run.sh                  # the four scripts, their output kept in results/*.txt
     python benchmarks/targets.py                  # prints the table
     python benchmarks/targets.py --write-readme   # and puts it between the markers of benchmarks/README.md
+
+--write-readme also copies what peers.py, throughput.py and roofline.py printed in that run
+(results/NAME.txt, written by quiet_run.sh) between the ``<!-- NAME:begin -->`` markers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(HERE, "README.md")
-BEGIN, END = "<!-- targets:begin -->", "<!-- targets:end -->"
+PRINTED = ("roofline", "peers", "throughput")   # scripts whose printed tables the README quotes
 
 #: (the target as stated, the JSON it is read from, its key in that JSON's "targets")
 TARGETS = (
@@ -82,26 +84,47 @@ def markdown(folder: str) -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: str, table: str) -> None:
+def replace_section(text: str, name: str, body: str, path: str) -> str:
+    """``text`` with ``body`` between its ``<!-- name:begin -->`` and ``<!-- name:end -->`` markers."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: no {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+
+
+def printed(folder: str, name: str) -> str | None:
+    """What NAME.py printed in the quiet run (results/NAME.txt), fenced, or None if not kept."""
+    path = os.path.join(folder, f"{name}.txt")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f"`python benchmarks/{name}.py` printed:\n\n```\n{f.read().rstrip()}\n```"
+
+
+def write_readme(path: str, table: str, folder: str) -> None:
     with open(path) as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
+    text = replace_section(text, "targets", table, path)
+    for name in PRINTED:
+        body = printed(folder, name)
+        if body is not None:
+            text = replace_section(text, name, body, path)
     with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+        f.write(text)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=RESULTS, help="folder of the JSON files (default benchmarks/results)")
     ap.add_argument("--write-readme", nargs="?", const=README, default=None, metavar="PATH",
-                    help="also write the table between the targets markers of PATH (default benchmarks/README.md)")
+                    help="also write the table (and the kept outputs of the quiet run) between the markers of PATH "
+                         "(default benchmarks/README.md)")
     a = ap.parse_args(argv)
     table = markdown(a.results)
     print(table)
     if a.write_readme:
-        write_readme(a.write_readme, table)
+        write_readme(a.write_readme, table, a.results)
         print(f"\nwrote the table into {a.write_readme}")
     return 0
 

@@ -151,7 +151,9 @@ def test_targets_table(tmp_path):
     (results / "roofline.json").write_text(json.dumps({"machine": machine, "quick": True,
                                                        "targets": {"exact_sum_share": target}}))
     readme = tmp_path / "README.md"
-    readme.write_text("head\n<!-- targets:begin -->\nold\n<!-- targets:end -->\ntail\n")
+    (results / "peers.txt").write_text("ms/round 14.4\n")      # what quiet_run.sh kept of peers.py's output
+    readme.write_text("head\n<!-- targets:begin -->\nold\n<!-- targets:end -->\ntail\n"
+                      "<!-- peers:begin -->\nold\n<!-- peers:end -->\n<!-- roofline:begin -->\nkept\n<!-- roofline:end -->\n")
     r = subprocess.run([sys.executable, os.path.join(BENCH, "targets.py"), "--results", str(results),
                         "--write-readme", str(readme)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -160,4 +162,7 @@ def test_targets_table(tmp_path):
     assert "7.00× (d) | **met** | `" in lines[1] and "abc1234, load 0.5" in lines[1]
     assert "not judged (a --quick run)" in next(line for line in lines if "exact sum" in line)
     assert "not measured (no `results/busy_node.json`)" in lines[-1]
-    assert readme.read_text().startswith("head\n") and readme.read_text().endswith("<!-- targets:end -->\ntail\n")
+    text = readme.read_text()
+    assert text.startswith("head\n") and "<!-- targets:end -->\ntail\n" in text
+    assert "<!-- peers:begin -->\n`python benchmarks/peers.py` printed:\n\n```\nms/round 14.4\n```\n<!-- peers:end -->" in text
+    assert "<!-- roofline:begin -->\nkept\n<!-- roofline:end -->" in text    # no roofline.txt: left as it was
