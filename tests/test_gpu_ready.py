@@ -121,6 +121,29 @@ def test_agent_chunk_padding_evaluation():
             assert np.array_equal(ref, rows(split, C)), (C, split)
 
 
+def test_vmap_evaluation_does_not_depend_on_the_rank_split():
+    """The quickstart's evaluation under vmap, its 40 training agents in one block (P = 1) or split as on
+    2, 3 and 4 ranks: the same bits. (Before the padded widths were multiples of block.ALIGN_ROWS,
+    agent 24's loss after 2 steps differed by 1 ulp between the one-block and the two-block split.)"""
+    cfg = config.load(os.path.join(REPO, "configs", "quickstart.toml"),
+                      ['train.strategy="vmap"', 'output.dir="/nonexistent/never-written"', f'train.device="{TEST_DEVICE}"'])
+    threads = torch.get_num_threads()
+    s = session.setup(cfg, dist.World(MPI.COMM_SELF, 0, 1, 0, 1))
+    torch.set_num_threads(threads)
+    ds = load_dataset("digits", "")
+    ids = np.arange(40, dtype=np.int64)
+    params = s.w0 + 0.3 * torch.randn(s.w0.shape, generator=torch.Generator().manual_seed(0)).to(s.w0)
+
+    def rows(split):
+        return np.concatenate([algorithm.evaluate_block(
+            s.round.backend, build_block(ds.x, ds.y, s.population.partition, lo, hi, s.device, s.dtype), params, ids,
+            [0, 1, 2], 0.05, 256) for lo, hi in split])
+
+    ref = rows([(0, 50)])
+    for split in ([(0, 25), (25, 50)], [(0, 17), (17, 34), (34, 50)], [(0, 13), (13, 26), (26, 38), (38, 50)]):
+        assert np.array_equal(ref, rows(split)), split
+
+
 def test_divergence_count_stays_on_the_device():
     s, ds, params = _setup(8, "float32")
     bad_params = params.clone()

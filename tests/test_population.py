@@ -16,7 +16,7 @@ import torch
 from helpers import (local_round_array, assert_models_identical, assert_one_error_line, arrays_identical, checkpoint_rounds, describe,
                      final_model, read_metrics, run_cli, sets, write_tiny_config)
 from mpifedmeta.core import rng
-from mpifedmeta.federation import population
+from mpifedmeta.federation import block, population
 from mpifedmeta.data import load_dataset
 from mpifedmeta.data import synthetic as S
 from mpifedmeta.data import virtual as V
@@ -45,7 +45,8 @@ def test_built_block_holds_exactly_the_generated_agents():
     blk = pop.build(ids, torch.device("cpu"), torch.float64, population.widths(pop, ids))
     tr, te = pop.counts(ids)
     assert blk.train_count.tolist() == tr.tolist() and blk.test_count.tolist() == te.tolist()
-    assert blk.train_width == tr.max() and blk.test_width == te.max()
+    assert blk.train_width == block.aligned_width(tr.max()) and blk.test_width == block.aligned_width(te.max())
+    assert blk.train_width % block.ALIGN_ROWS == 0 and blk.train_width - tr.max() < block.ALIGN_ROWS
     for a, k in enumerate(ids):
         x, y = S.agent_samples(SPEC, int(k))
         o, n = int(blk.train_offset[a]), int(blk.train_count[a])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mpifedmeta.federation.block import AgentBlock, assemble, build_block
+from mpifedmeta.federation.block import AgentBlock, aligned_width, assemble, build_block
 from mpifedmeta.data import DataError, load_dataset, make_partition
 from mpifedmeta.data import synthetic as synth
 from mpifedmeta.data import virtual as virt
@@ -157,12 +157,12 @@ def make_population(data, seed: int, dtype: str = "float32"):
 
 
 def widths(population, ids: np.ndarray) -> tuple[int, int]:
-    """Padding widths (largest train / test split) over ``ids``: a function of ``ids`` alone, so the
-    same on every rank when ``ids`` is the whole cohort or evaluation set."""
+    """Padding widths (largest train / test split, rounded up by ``block.aligned_width``) over ``ids``:
+    a function of ``ids`` alone, so the same on every rank when ``ids`` is the whole cohort or evaluation set."""
     if len(ids) == 0:
-        return 1, 1
+        return aligned_width(1), aligned_width(1)
     tr, te = population.counts(np.asarray(ids, dtype=np.int64))
-    return int(tr.max()), int(te.max())
+    return aligned_width(tr.max()), aligned_width(te.max())
 
 
 def share(ids: np.ndarray, rank: int, size: int) -> np.ndarray:
