@@ -152,6 +152,27 @@ def test_compile_option_matches_eager_or_falls_back(model_name):
         torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("limit", [0, 1 << 40])
+def test_local_round_gathered_at_once_or_step_by_step_gives_the_same_bits(monkeypatch, limit):
+    """metagrad.round_steps gathers a whole local round in one call below ROUND_GATHER_BYTES, else per step:
+    the same samples either way, so the same local models bit for bit."""
+    from mpifedmeta.models import build_model, param_dict
+    from mpifedmeta.engine import backends
+    torch.manual_seed(0)
+    model = build_model("mlp", (6,), 3, [5])
+    backend = backends.make(model, "stacked")
+    B, tau, S = 4, 3, metagrad.num_slots(2, "exact")
+    start = backend.layout.flatten({k: v.unsqueeze(0).repeat(B, *[1] * v.dim()) for k, v in param_dict(model).items()}, 1)
+    X, Y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    idx, mask = torch.randint(0, 50, (B, tau, S, 8)), torch.ones(B, tau, S, 8)
+    meta = metagrad.MetaSpec(2, 0.1, "exact")
+    reference_models, reference_losses = metagrad.local_update(backend, start.clone(), X, Y, idx, mask, meta, 0.5)
+    monkeypatch.setattr(metagrad, "ROUND_GATHER_BYTES", limit)
+    models, losses = metagrad.local_update(backend, start.clone(), X, Y, idx, mask, meta, 0.5)
+    assert torch.equal(models, reference_models) and torch.equal(losses, reference_losses)
+    assert not torch.equal(models, start)
+
+
 def test_strategy_pick_prefers_vmap_within_the_noise_margin():
     from mpifedmeta.engine.strategy import pick
     assert pick({"vmap": 1.0, "loop": 0.98, "chunked": 0.99}) == "vmap"      # within 3%: the default
