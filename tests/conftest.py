@@ -8,6 +8,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import TEST_DEVICE  # noqa: E402  (MPIFEDMETA_TEST_DEVICE: cpu by default, or cuda)
 
+# In-process tests run with the engine's default of one torch thread (as tests/run.sh sets it), so that a
+# bare `pytest` checks the same thing: with more threads the parallel kernels split work by size, and the
+# bit-identity tests (an agent's bits in any block size) do not hold. OMP_NUM_THREADS, if set, wins.
+if not os.environ.get("OMP_NUM_THREADS"):
+    import torch  # noqa: E402
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, request):
