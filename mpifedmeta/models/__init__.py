@@ -32,18 +32,21 @@ class Linear(nn.Module):
         return x.flatten(1) @ self.weight.T + self.bias
 
 
+def dense_layers(width: int, hidden: tuple[int, ...], num_classes: int, activation) -> list[nn.Module]:
+    """Linear(width, h₁), activation, …, Linear(h_last, num_classes): the dense head of the MLP and the CNN."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), activation()]
+        width = h
+    return layers + [nn.Linear(width, num_classes)]
+
+
 class MLP(nn.Module):
     """Fully connected net with ELU activations (Per-FedAvg uses 784-80-60-10)."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (80, 60)):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ELU()]
-            width = h
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*dense_layers(in_features, hidden, num_classes, nn.ELU))
 
     def forward(self, x):
         return self.net(x.flatten(1))
@@ -59,13 +62,7 @@ class CNN(nn.Module):
             nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
-        flat = 64 * (height // 4) * (width // 4)
-        fc: list[nn.Module] = []
-        for h in hidden:
-            fc += [nn.Linear(flat, h), nn.ReLU()]
-            flat = h
-        fc.append(nn.Linear(flat, num_classes))
-        self.classifier = nn.Sequential(*fc)
+        self.classifier = nn.Sequential(*dense_layers(64 * (height // 4) * (width // 4), hidden, num_classes, nn.ReLU))
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
