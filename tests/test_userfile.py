@@ -264,6 +264,20 @@ UNLIFTABLE = """
 
     def batchnorm(in_shape, num_classes, hidden):
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, num_classes))
+
+    class Branching(nn.Module):        # data-dependent control flow: neither torch.fx nor vmap can run it
+        def __init__(self, features, num_classes):
+            super().__init__()
+            self.fc = nn.Linear(features, num_classes)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            if x.sum() > 0:
+                x = 2 * x
+            return self.fc(x)
+
+    def branching(in_shape, num_classes, hidden):
+        return Branching(64, num_classes)
 """
 
 
@@ -276,6 +290,25 @@ def test_unliftable_user_model_with_the_default_strategy_runs_on_vmap_and_says_w
         assert STARTUP.search(proc.stdout).group(1) == \
             "vmap (stacked form not derivable: torch.sort at node 'sort')", describe(proc)
     assert_models_identical(final_model(str(tmp_path / "out1")), final_model(str(tmp_path / "out2")))
+
+
+def test_model_that_vmap_cannot_run_runs_on_the_loop_and_says_why(tmp_path):
+    """Data-dependent control flow: the default strategy ends on the per-agent loop (bit-identical on
+    1 and 2 ranks); an explicit train.strategy = "vmap" is exit 2 with one line and writes nothing."""
+    path, cfg = write(tmp_path, "branching_model.py", UNLIFTABLE), write_tiny_config(tmp_path)
+    for P in (1, 2):
+        proc = run_cli(["run", cfg, "--set", f'model.name="{path}:branching"'] +
+                       sets(train__rounds=2, output__dir=str(tmp_path / f"out{P}")), np_=P)
+        assert_ok(proc)
+        line = STARTUP.search(proc.stdout).group(1)
+        assert line.startswith("loop (vmap (stacked form not derivable: torch.fx cannot trace") and \
+            "cannot run the model: vmap: " in line, describe(proc)
+    assert_models_identical(final_model(str(tmp_path / "out1")), final_model(str(tmp_path / "out2")))
+    out = tmp_path / "vmap"
+    proc = run_cli(["run", cfg, "--set", f'model.name="{path}:branching"', "--set", "train.strategy=vmap",
+                    "--set", f'output.dir="{out}"'], np_=2)
+    assert_one_error_line(proc, 2, "train.strategy = 'vmap' cannot run this model (vmap: ", 'use train.strategy = "loop"')
+    assert not out.exists()
 
 
 def test_batchnorm_and_missing_files_exit_2_with_one_line(tmp_path):

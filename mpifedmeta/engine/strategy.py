@@ -91,6 +91,9 @@ def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, 
             skipped[cand] = "out of memory"
             torch.cuda.empty_cache()
             continue
+        except RuntimeError as e:                     # e.g. vmap and data-dependent control flow
+            skipped[cand] = f"cannot run the model: {first_line(e)}"
+            continue
         peaks[cand] = _peak_mb(device) - base
         if memory_budget_mb and peaks[cand] > memory_budget_mb:
             skipped[cand] = f"peak {peaks[cand]:.0f} MB > budget {memory_budget_mb:.0f} MB"
@@ -99,6 +102,23 @@ def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, 
     if not seconds:
         return Choice("loop", chunk, seconds, peaks, skipped)
     return Choice(pick(seconds), chunk, seconds, peaks, skipped)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (torch's messages run over several)."""
+    text = str(e).strip().split("\n")[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cannot_run(backend, block, w: torch.Tensor, spec) -> str | None:
+    """None if one meta-step of (at most) two agents runs on ``backend``, else why not, in one line:
+    vmap cannot run every model (data-dependent control flow, ``.item()``), the per-agent loop can."""
+    _, batches, theta = _one_meta_step(block, w, spec, 2)
+    try:
+        metagrad.meta_gradients(backend, backend.layout.views(theta), batches, spec.meta)
+    except RuntimeError as e:
+        return first_line(e)
+    return None
 
 
 class NoStrategyFits(RuntimeError):

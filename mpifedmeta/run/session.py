@@ -131,6 +131,13 @@ def _choose_backend(cfg: Config, world: dist.World, model, agents, w0, spec, rec
         name, line = strategy.choose(t.strategy, model, block, w0, spec, per_rank, t.chunk, t.memory_budget,
                                      recorded.get("strategy"), allgather)
         backend = backends.make(model, name, t.chunk)
+        if name in ("vmap", "chunked"):
+            why = [r for r in allgather(strategy.cannot_run(backend, block or agents.for_timing(2), w0, spec)) if r]
+            if why and t.strategy in ("vmap", "chunked"):
+                raise BadInput(f"train.strategy = '{t.strategy}' cannot run this model ({why[0]}); "
+                               f"use train.strategy = \"loop\"")
+            if why:
+                name, backend, line = "loop", backends.make(model, "loop"), f"loop ({line} cannot run the model: {why[0]})"
         chunk, chunk_line = strategy.choose_agent_chunk(t.agent_chunk, agents.device.type, recorded.get("agent_chunk"),
                                                         backend, block, w0, spec, per_rank, allgather)
     except (strategy.NoStrategyFits, ValueError) as e:
