@@ -210,15 +210,25 @@ def personalized_metrics(backend, w: torch.Tensor, train: Split, test: Split, ks
     n = train.idx.shape[0]
     theta = backend.layout.views(w.expand(n, w.shape[-1]).clone())
     x, y, xt, yt = take(train.X, train.idx), take(train.Y, train.idx), take(test.X, test.idx), take(test.Y, test.idx)
-    te_m = test.mask
-    denom = te_m.sum(1).clamp_min(1.0)
     at = {}
     for j in range(kmax + 1):
         if j in ks:
-            with torch.no_grad():
-                out = backend.logits(theta, xt)
-                ce = cross_entropy(out, yt)
-                at[j] = ((ce * te_m).sum(1) / denom, ((out.argmax(-1) == yt).to(te_m.dtype) * te_m).sum(1) / denom)
+            at[j] = masked_metrics(backend, theta, xt, yt, test.mask)
         if j < kmax:
             torch._foreach_add_(theta, backend.grad(theta, x, y, train.mask)[0], alpha=-alpha)
     return torch.stack([at[k][0] for k in ks], dim=1), torch.stack([at[k][1] for k in ks], dim=1)
+
+
+def masked_metrics(backend, theta: Tensors, xt: torch.Tensor, yt: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each agent's masked mean test loss and accuracy (B,) of the models θ on gathered x, y, mask."""
+    denom = mask.sum(1).clamp_min(1.0)
+    with torch.no_grad():
+        out = backend.logits(theta, xt)
+        ce = cross_entropy(out, yt)
+        return (ce * mask).sum(1) / denom, ((out.argmax(-1) == yt).to(mask.dtype) * mask).sum(1) / denom
+
+
+def test_metrics(backend, theta: Tensors, test: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`masked_metrics` of the models θ on a test :class:`Split`."""
+    return masked_metrics(backend, theta, take(test.X, test.idx), take(test.Y, test.idx), test.mask)

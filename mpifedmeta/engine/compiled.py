@@ -1,4 +1,4 @@
-"""``train.compile``: the whole local round compiled by torch.compile or recorded as a CUDA graph.
+"""``train.compile``: the whole local round (any algorithm) compiled by torch.compile or recorded as a CUDA graph.
 
 Never needed for correctness or to run: shapes are fixed per (block size, τ, slots, batch), and
 wherever compilation is not possible (no CUDA for "cudagraphs", a transform torch.compile cannot
@@ -10,7 +10,8 @@ trace, ...) the round runs eagerly after a one-line notice, once per reason.
   with torch 2.13, miscompiles a create_graph double backward of torch.autograd. The ``loop``
   backend has no traceable form and runs eagerly.
 - "cudagraphs": the eager local round recorded once into a ``torch.cuda.CUDAGraph`` with static
-  input/output buffers, then replayed (inputs copied in, outputs cloned out). CUDA only.
+  input/output buffers, then replayed (every input copied in — the data too unless it is the very
+  tensor recorded —, outputs cloned out). CUDA only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import sys
 
 import torch
 
-from mpifedmeta.core import metagrad
 
 MODES = ("off", "compile", "cudagraphs")
 _compiled: dict = {}
@@ -35,9 +35,9 @@ def _notice(key, text: str) -> None:
             print(f"mpifedmeta: train.compile: {text}; running the local round eagerly", file=sys.stderr, flush=True)
 
 
-def _signature(backend, theta, X, idx, mask, meta, beta):
-    return (id(backend), meta, beta, tuple(theta.shape), theta.dtype, tuple(X.shape), X.dtype, X.device,
-            tuple(idx.shape), tuple(idx.stride()), tuple(mask.stride()))
+def _signature(algo, backend, theta, state, X, idx, mask):
+    return (id(backend), algo, tuple(theta.shape), theta.dtype, None if state is None else tuple(state.shape),
+            tuple(X.shape), X.dtype, X.device, tuple(idx.shape), tuple(idx.stride()), tuple(mask.stride()))
 
 
 def mode(value) -> str:
@@ -51,19 +51,27 @@ def mode(value) -> str:
     return value
 
 
-def local_update(mode_: str, backend, theta, X, Y, idx, mask, meta, beta):
-    """metagrad.local_update compiled according to ``mode_`` ("off": eagerly), in place on ``theta``
-    like it; where compilation is not possible, eagerly after a one-line notice (once per reason)."""
+def run(mode_: str, algo, backend, theta, state, w, X, Y, idx, mask):
+    """``algo.local_update`` compiled according to ``mode_`` ("off": eagerly), in place on ``theta``
+    like it; where compilation is not possible, eagerly after a one-line notice (once per reason).
+    Returns (the uploads, the training losses (B, τ), the new state or None)."""
     if mode_ != "off":
-        out = _compiled_update(mode_, backend, theta, X, Y, idx, mask, meta, beta)
+        out = _compiled_update(mode_, algo, backend, theta, state, w, X, Y, idx, mask)
         if out is not None:
             return out
-    return metagrad.local_update(backend, theta, X, Y, idx, mask, meta, beta)
+    return algo.local_update(backend, theta, state, w, X, Y, idx, mask)
 
 
-def _compiled_update(mode, backend, theta, X, Y, idx, mask, meta, beta):
+def local_update(mode_: str, backend, theta, X, Y, idx, mask, meta, beta):
+    """The ν-family's local round (metagrad.local_update) through :func:`run`: (models, losses)."""
+    from mpifedmeta.algorithms.meta import Meta
+    out, losses, _ = run(mode_, Meta(meta, beta, idx.shape[1]), backend, theta, None, theta[0], X, Y, idx, mask)
+    return out, losses
+
+
+def _compiled_update(mode, algo, backend, theta, state, w, X, Y, idx, mask):
     """The captured round, or None where it cannot be captured."""
-    key = (mode,) + _signature(backend, theta, X, idx, mask, meta, beta)
+    key = (mode,) + _signature(algo, backend, theta, state, X, idx, mask)
     if key in _failed:
         return None
     if mode == "cudagraphs":
@@ -71,7 +79,7 @@ def _compiled_update(mode, backend, theta, X, Y, idx, mask, meta, beta):
             _notice(key, '"cudagraphs" needs a CUDA device')
             return None
         try:
-            return _replay(key, backend, theta, X, Y, idx, mask, meta, beta)
+            return _replay(key, algo, backend, theta, state, w, X, Y, idx, mask)
         except Exception as e:   # capture rejects some operations; never needed
             _graphs.pop(key, None)
             _notice(key, f"CUDA graph capture failed ({_first_line(e)})")
@@ -83,14 +91,14 @@ def _compiled_update(mode, backend, theta, X, Y, idx, mask, meta, beta):
     try:
         fn = _compiled.get(key)
         if fn is None:
-            def round_(p, X_, Y_, i, m):
-                return metagrad.local_update(traceable, p, X_, Y_, i, m, meta, beta)
+            def round_(p, s, w_, X_, Y_, i, m):
+                return algo.local_update(traceable, p, s, w_, X_, Y_, i, m)
             fn = _compiled[key] = torch.compile(round_, dynamic=False,
                                                 mode="reduce-overhead" if X.device.type == "cuda" else None)
-        out, losses = fn(theta, X, Y, idx, mask)
+        out, losses, new_state = fn(theta, state, w, X, Y, idx, mask)
         if out is not theta:         # the compiled function may return a new tensor
             theta.copy_(out)
-        return theta, losses
+        return theta, losses, new_state
     except Exception as e:        # torch.compile cannot handle every transform combination
         _compiled.pop(key, None)
         _notice(key, f"torch.compile failed ({_first_line(e)})")
@@ -102,28 +110,36 @@ def _first_line(e: Exception) -> str:
     return text[:200]
 
 
-def _replay(key, backend, theta, X, Y, idx, mask, meta, beta):
+def _replay(key, algo, backend, theta, state, w, X, Y, idx, mask):
+    """Replay the recorded round after copying EVERY input into its static buffer: the data too (a
+    generated population builds new blocks of the same shapes every round), skipped only when the
+    caller passes the very tensor recorded (a resident block's data)."""
+    inputs = (theta, state, w, X, Y, idx, mask)
     entry = _graphs.get(key)
     if entry is None:
-        static = (theta.clone(), idx.clone(), mask.clone())
+        static = tuple(None if t is None else t.clone() for t in inputs)
 
-        def run():
-            return metagrad.local_update(backend, static[0], X, Y, static[1], static[2], meta, beta)
+        def run_():
+            return algo.local_update(backend, *static)
 
         side = torch.cuda.Stream(device=X.device)
         side.wait_stream(torch.cuda.current_stream(X.device))
         with torch.cuda.stream(side):          # warm-up outside the capture (allocations, kernels)
             for _ in range(2):
-                run()
+                for buf, t in zip(static, inputs):
+                    if buf is not None:
+                        buf.copy_(t)
+                run_()
         torch.cuda.current_stream(X.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = run()
-        entry = _graphs[key] = (graph, static, out)
-    graph, static, out = entry
-    static[0].copy_(theta)
-    static[1].copy_(idx)
-    static[2].copy_(mask)
+            out = run_()
+        entry = _graphs[key] = (graph, static, out, [None] * len(inputs))
+    graph, static, out, last = entry
+    for j, (buf, t) in enumerate(zip(static, inputs)):
+        if buf is not None and not (j in (3, 4) and last[j] is t):   # X, Y: the same tensor object, same data
+            buf.copy_(t)
+        last[j] = t if j in (3, 4) else None
     graph.replay()
     theta.copy_(out[0])
-    return theta, out[1].clone()
+    return theta, out[1].clone(), None if out[2] is None else out[2].clone()

@@ -2,7 +2,7 @@
 
 An explicit setting is used as is (``stacked`` for a model without a derivable stacked form runs
 ``vmap``: backends.resolve); a resumed run keeps the strategy recorded in its checkpoint
-(so it continues bit for bit); ``auto`` times one meta-step of each candidate backend on the real
+(so it continues bit for bit); ``auto`` times one local step of the run's algorithm on each candidate backend on the real
 model, device, block size and ν, drops those whose peak memory exceeds the budget, and keeps the
 fastest (the default backend — ``stacked`` where the model's stacked form can be derived, else ``vmap`` —
 unless another one is faster by more than the 3% timing-noise margin). ``train.agent_chunk = "auto"`` is
@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 
-from mpifedmeta.core import metagrad
 from mpifedmeta.parallel import devices
 from mpifedmeta.engine import backends, chunks
 from mpifedmeta.federation import algorithm
@@ -111,11 +110,11 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 
 def cannot_run(backend, block, w: torch.Tensor, spec) -> str | None:
-    """None if one meta-step of (at most) two agents runs on ``backend``, else why not, in one line:
+    """None if one local step of (at most) two agents runs on ``backend``, else why not, in one line:
     vmap cannot run every model (data-dependent control flow, ``.item()``), the per-agent loop can."""
-    _, batches, theta = _one_meta_step(block, w, spec, 2)
+    one = _one_step(block, w, spec, 2)
     try:
-        metagrad.meta_gradients(backend, backend.layout.views(theta), batches, spec.meta)
+        one(backend, 0, one.B)
     except RuntimeError as e:
         return first_line(e)
     return None
@@ -125,12 +124,28 @@ class NoStrategyFits(RuntimeError):
     """No candidate backend fits train.memory_budget (the message is one line)."""
 
 
-def _one_meta_step(block, w: torch.Tensor, spec, agents: int):
-    """(agents B, the gathered batches of one meta-step, the broadcast models (B, d)) to time with."""
-    B = max(1, min(agents, block.num_agents))
-    ids = torch.arange(block.lo, block.lo + B, device=block.device)
-    idx, mask = algorithm.round_batches(block, dataclasses.replace(spec, local_steps=1), 0, ids, ids - block.lo)
-    return B, metagrad.gather(block.X_train, block.Y_train, idx[:, 0], mask[:, 0]), chunks.broadcast(w, B)
+class _OneStep:
+    """One local step of the run's algorithm (``algorithm.one_step()``) for the first B agents of a
+    block: ``one(backend, a, b)`` runs agents [a, b) of them (what the timings measure)."""
+
+    def __init__(self, block, w: torch.Tensor, spec, agents: int):
+        self.B = B = max(1, min(agents, block.num_agents))
+        self.algo, self.block, self.w = spec.algorithm.one_step(), block, w
+        ids = torch.arange(block.lo, block.lo + B, device=block.device)
+        spec1 = dataclasses.replace(spec, algorithm=self.algo)
+        self.idx, self.mask = algorithm.round_batches(block, spec1, 0, ids, ids - block.lo)
+        self.theta = chunks.broadcast(w, B)
+
+    def __call__(self, backend, a: int, b: int) -> None:
+        layout = backend.layout
+        which = self.algo.state_params(layout)
+        state = None if which is None else algorithm.initial_state(self.algo, layout, self.w).expand(b - a, -1).clone()
+        self.algo.local_update(backend, self.theta[a:b].clone(), state, self.w, self.block.X_train,
+                               self.block.Y_train, self.idx[a:b], self.mask[a:b])
+
+
+def _one_step(block, w: torch.Tensor, spec, agents: int) -> _OneStep:
+    return _OneStep(block, w, spec, agents)
 
 
 def choose(setting: str, model: torch.nn.Module, block, w: torch.Tensor, spec: algorithm.RoundSpec,
@@ -149,13 +164,13 @@ def choose(setting: str, model: torch.nn.Module, block, w: torch.Tensor, spec: a
         name, desc = backends.resolve(recorded, model)
         return name, f"{desc} (recorded in the checkpoint)"
     cands = [c for c in CANDIDATES if c != "stacked" or backends.has_stacked_form(model)]
-    B, batches, theta = _one_meta_step(block, w, spec, agents)
+    one = _one_step(block, w, spec, agents)
 
     def step(cand: str, chunk_: int) -> None:
         backend = backends.make(model, cand, chunk_)
-        metagrad.meta_gradients(backend, backend.layout.views(theta), batches, spec.meta)
+        one(backend, 0, one.B)
 
-    mine = measure(step, block.device, chunk, B, memory_budget_mb, candidates=cands)
+    mine = measure(step, block.device, chunk, one.B, memory_budget_mb, candidates=cands)
     every = allgather((mine.seconds, mine.skipped))
     usable = [c for c in cands if all(c in sec for sec, _ in every)]
     if not usable:
@@ -181,15 +196,15 @@ def choose_agent_chunk(setting, device_type: str, recorded: int | None, backend,
         return devices.AUTO_AGENT_CHUNK_CUDA, f"{devices.AUTO_AGENT_CHUNK_CUDA} (auto on CUDA)"
     if recorded is not None:
         return int(recorded), f"{int(recorded)} (recorded in the checkpoint)"
-    B, (xs, ys, ms), theta = _one_meta_step(block, w, spec, agents)
+    one = _one_step(block, w, spec, agents)
+    B = one.B
     sizes = [0] + [c for c in CHUNK_SIZES if c < B]
     if len(sizes) == 1:
         return 0, "0 (auto: a block of at most 4 agents)"
 
     def step(size: int, _chunk: int) -> None:
         for a, b in chunks.spans(B, size):
-            metagrad.meta_gradients(backend, backend.layout.views(theta[a:b]), (xs[:, a:b], ys[:, a:b], ms[:, a:b]),
-                                    spec.meta)
+            one(backend, a, b)
 
     seconds = {}
     for size in sizes:

@@ -24,8 +24,7 @@ COMPILE_MODES = ("off", "compile", "cudagraphs")   # train.compile as a string (
 MAX_CONFIG_BYTES = 1 << 20
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key."""
+from mpifedmeta.errors import ConfigError  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -161,6 +160,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "allow_tf32": Key(False, (bool,), None, "let CUDA float32 matmuls and cuDNN convolutions use TF32 (~1e-3 relative error; not allowed with metagrad = hf in float32)"),
         "threads": Key(0, (int,), _non_negative, "torch threads per rank (0 = $OMP_NUM_THREADS if set, else $SLURM_CPUS_PER_TASK if set, else 1: more cores = more ranks)", **_RUN_ONLY),
     },
+    "algorithm": {
+        # the algorithm's own keys live in this table too: validated by mpifedmeta.algorithms.check_section
+        "name": Key("meta", (str,), None, 'meta (the nu-step family: train.nu, alpha, metagrad, hf_delta) | pfedme | ditto | fedrep, or your own: FILE.py:NAME | package.module:NAME; the algorithm\'s keys follow in [algorithm] (see below)'),
+    },
+    "server": {
+        "optimizer": Key("sgd", (str,), _one_of(("sgd", "momentum", "adagrad", "adam", "yogi")), "server optimizer on the mean update (Reddi et al. 2021, no bias correction): sgd | momentum | adagrad | adam | yogi"),
+        "lr": Key(1.0, (float, int), _positive, "server learning rate (sgd with lr = 1: plain averaging; pFedMe's beta_s)"),
+        "momentum": Key(0.9, (float, int), _non_negative, "momentum: m <- momentum * m + delta"),
+        "beta1": Key(0.9, (float, int), lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "adam, yogi: first-moment decay"),
+        "beta2": Key(0.99, (float, int), lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "adam, yogi: second-moment decay"),
+        "eps": Key(1e-3, (float, int), _positive, "adagrad, adam, yogi: adaptivity eps"),
+    },
     "eval": {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),
         "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
@@ -237,10 +248,31 @@ def validate(raw: dict) -> Config:
     for sec in raw:
         if sec not in SCHEMA:
             raise ConfigError(f"unknown section [{sec}] (valid: {', '.join(SCHEMA)})")
-    out = {sec: _section(sec, keys, raw.get(sec, {})) for sec, keys in SCHEMA.items()}
+    given_algorithm = raw.get("algorithm", {})
+    if not isinstance(given_algorithm, dict):
+        raise ConfigError("[algorithm] must be a table")
+    out = {sec: _section(sec, keys, raw.get(sec, {}) if sec != "algorithm" else
+                         {k: v for k, v in given_algorithm.items() if k == "name"})
+           for sec, keys in SCHEMA.items()}
     _check_data(out)
     _check_train(out["train"])
+    algorithms = importlib.import_module("mpifedmeta.algorithms")
+    out["algorithm"] = algorithms.check_section(given_algorithm, out["train"])
+    _check_algorithm(out)
     return Config(out)
+
+
+def _check_algorithm(out: dict) -> None:
+    """Cross-key rules of the algorithm: per-agent state needs agents that stay on one rank."""
+    algorithms = importlib.import_module("mpifedmeta.algorithms")
+    population = importlib.import_module("mpifedmeta.federation.population")
+    d, name = out["data"], out["algorithm"]["name"]
+    algo = algorithms.make(out["algorithm"], out["train"])
+    generated = d["dataset"] in population.GENERATED or d["partition"] in population.VIRTUAL
+    if generated and algo.stateful:
+        raise ConfigError(f"algorithm.name = {name!r} keeps state per agent, which a generated population "
+                          f"(data.dataset = {d['dataset']!r}, data.partition = {d['partition']!r}) does not store: "
+                          "use a stored partition (shards, dirichlet, iid, natural) or a stateless algorithm")
 
 
 def _section(sec: str, keys: dict[str, Key], given) -> dict:
@@ -342,7 +374,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {path.strip()}=...: the value contains a line break or NUL; give one value per --set")
         if sec not in SCHEMA:
             raise ConfigError(f"--set {item!r}: unknown section [{sec}] (valid: {', '.join(SCHEMA)})")
-        if k not in SCHEMA[sec]:
+        if k not in SCHEMA[sec] and sec != "algorithm":     # [algorithm]: the algorithm's keys, checked later
             raise ConfigError(f"--set {item!r}: unknown key {sec}.{k} (valid: {', '.join(SCHEMA[sec])})")
         raw.setdefault(sec, {})[k] = parse_value(value.strip())
     return raw
@@ -395,5 +427,7 @@ def describe() -> str:
         lines.append(f"[{sec}]")
         for k, key in keys.items():
             lines.append(f"{k} = {json.dumps(key.default)}    # {key_doc(key)}")
+        if sec == "algorithm":
+            lines.append(importlib.import_module("mpifedmeta.algorithms").describe())
         lines.append("")
     return "\n".join(lines)

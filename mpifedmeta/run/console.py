@@ -21,14 +21,14 @@ class Progress:
             from tqdm import tqdm
             self.bar, self.lines = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True), False
 
-    def update(self, round_: int, total: int, meta_loss: float, round_time: float, eval_row: dict | None = None) -> None:
+    def update(self, round_: int, total: int, loss: float, round_time: float, eval_row: dict | None = None) -> None:
         """One finished round; ``eval_row`` (rank 0, rounds that evaluated) adds the accuracies."""
         acc = accuracy_text(eval_row)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"meta-loss {meta_loss:.4f}{acc}")
+            self.bar.set_postfix_str(f"loss {loss:.4f}{acc}")
         elif self.lines and (round_ % self.every == 0 or round_ == total):
-            print(f"round {round_}/{total}  meta-loss {meta_loss:.4f}  {round_time:.3f} s/round{acc}", flush=True)
+            print(f"round {round_}/{total}  loss {loss:.4f}  {round_time:.3f} s/round{acc}", flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -39,7 +39,8 @@ def accuracy_text(eval_row: dict | None) -> str:
     """"  acc@k 12.3 45.6 …" (mean personalized accuracy of the training agents), or "" without a row."""
     if eval_row is None:
         return ""
-    return "  acc@k " + " ".join(f"{100 * a:.1f}" for a in eval_row["train_acc_mean"])
+    personal = f"  personal {100 * eval_row['personal_acc_mean']:.1f}" if "personal_acc_mean" in eval_row else ""
+    return "  acc@k " + " ".join(f"{100 * a:.1f}" for a in eval_row["train_acc_mean"]) + personal
 
 
 def final_table(ks: list[int], row: dict) -> str:
@@ -52,4 +53,11 @@ def final_table(ks: list[int], row: dict) -> str:
             a = row[f"{name}_agent_acc"][j]
             cells.append(f"{100 * a.mean():6.2f}% ± {100 * a.std():5.2f}" if a.size else f"{'–':>18}")
         lines.append(f"{k:>3}  {cells[0]:>18}  {cells[1]:>18}")
+    if "personal_agent_acc" in row:
+        cells = [_cell(row[f"{name}_agent_acc"]) for name in ("personal", "holdout_personal")]
+        lines.append(f"{'own':>3}  {cells[0]:>18}  {cells[1]:>18}   (the algorithm's personalized model)")
     return "\n".join(lines)
+
+
+def _cell(a) -> str:
+    return f"{100 * a.mean():6.2f}% ± {100 * a.std():5.2f}" if a.size else f"{'–':>18}"

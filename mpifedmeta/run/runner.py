@@ -27,9 +27,19 @@ def model_arrays(s: Setup, w: torch.Tensor) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in s.layout.split(w.detach().cpu()).items()}
 
 
+def checkpoint_groups(s: Setup, server_state: dict, agent_state) -> dict:
+    """The checkpoint's state besides the model: the server optimizer's arrays and, for a stateful
+    algorithm, every agent's (``agent_state`` = (values, has) gathered on rank 0)."""
+    groups = {"server": dict(server_state)} if server_state else {}
+    if agent_state is not None:
+        groups["agent_state"] = {"values": agent_state[0], "has": agent_state[1]}
+    return groups
+
+
 def checkpoint_attrs(s: Setup, wall: float) -> dict:
     return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)",
-            "agent_chunk": s.round.spec.agent_chunk}
+            "agent_chunk": s.round.spec.agent_chunk, "algorithm": s.round.spec.algorithm.name,
+            "server_optimizer": s.round.spec.server.optimizer}
 
 
 class _Writer:
@@ -46,12 +56,16 @@ class _Writer:
         self.s, self.out_dir = s, out_dir
         self.train: list[dict] = []
         self.eval: list[dict] = []
-        self.done = (round_, params, wall)      # the last completed round
+        self.stateful = s.round.state is not None
         self.on_disk = round_                   # the newest round whose checkpoint is written
         self.busy = False
+        self.completed(round_, params, wall)    # self.done: the last completed round, its checkpoint groups
 
-    def completed(self, round_: int, params: dict, wall: float) -> None:
-        self.done = (round_, params, wall)
+    def completed(self, round_: int, params: dict, wall: float, agent_state=None) -> None:
+        """The round's results; ``agent_state``: every agent's state, gathered (checkpoint rounds)."""
+        groups = None if self.stateful and agent_state is None else \
+            checkpoint_groups(self.s, self.s.round.server_state, agent_state)
+        self.done = (round_, params, wall, groups)
 
     def _write(self, with_checkpoint: bool) -> None:
         """Rank 0: the pending rows (metrics first: a crash in between leaves rows the resume
@@ -60,10 +74,10 @@ class _Writer:
         try:
             metrics.append(self.out_dir, self.train, self.eval)
             self.train, self.eval = [], []
-            r, params, wall = self.done
-            if with_checkpoint and self.on_disk != r:
+            r, params, wall, groups = self.done
+            if with_checkpoint and self.on_disk != r and groups is not None:
                 checkpoint.write(self.out_dir, r, model_arrays(self.s, params), self.s.cfg.to_json(),
-                                    checkpoint_attrs(self.s, wall), self.s.cfg.output.keep)
+                                 checkpoint_attrs(self.s, wall), self.s.cfg.output.keep, groups)
                 self.on_disk = r
         finally:
             self.busy = False
@@ -76,8 +90,9 @@ class _Writer:
 
     def on_stop(self) -> None:
         """Signal-handler hook (main thread, between two bytecodes); never raises."""
-        if not self.s.world.is_root or self.busy or self.on_disk >= self.done[0]:
-            return                  # a write in progress, or nothing new: the loop's own write follows
+        if not self.s.world.is_root or self.busy or self.on_disk >= self.done[0] or self.done[3] is None:
+            return                  # a write in progress, nothing new, or per-agent state not gathered
+                                    # for this round: the loop's own write follows
         try:
             self._write(True)
             text = f"mpifedmeta: {_now()} stop signal: checkpoint of the last completed round {self.on_disk} written\n"
@@ -111,7 +126,7 @@ def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: floa
                 break
             w, round_time = result.w, time.perf_counter() - t0
             wall += round_time
-            writer.train.append({"round": r, "meta_loss": result.meta_loss, "wall_time": wall, "round_time": round_time,
+            writer.train.append({"round": r, "train_loss": result.train_loss, "wall_time": wall, "round_time": round_time,
                                 "num_sampled": cfg.train.agents_per_round, "compute_time": slowest,
                                 "compute_time_min": fastest, **result.timings})
             # the personalized evaluation, every eval.every rounds and at the end
@@ -120,10 +135,10 @@ def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: floa
                 last_eval = s.round.evaluate(w, r)
                 if s.world.is_root:
                     writer.eval.append(last_eval)
-            writer.completed(r, w, wall)
-            progress.update(r, R, result.meta_loss, round_time, last_eval if evaluated else None)
             # metrics rows and checkpoints: rank 0 writes, every rank learns whether it worked
             checkpointed = _due(r, cfg.output.checkpoint_every, R) or stop
+            writer.completed(r, w, wall, s.round.agent_state() if checkpointed else None)
+            progress.update(r, R, result.train_loss, round_time, last_eval if evaluated else None)
             if checkpointed or evaluated:
                 writer.flush(with_checkpoint=checkpointed)
             if signals.requested():
@@ -162,6 +177,7 @@ def _finish(s: Setup, out_dir: str, last_eval: dict | None, wall: float) -> None
         run = metrics.read(out_dir)
         if run.eval_round.size:
             last_eval = {k: getattr(run, f"final_{k}") for k in metrics.EVAL_AGENTS}
+            last_eval.update({k[len("final_"):]: v for k, v in run.personal.items() if k.startswith("final_")})
     if last_eval is not None:
         print(final_table(list(s.cfg.eval.finetune_steps), last_eval), flush=True)
     print(f"done: {s.cfg.train.rounds} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)

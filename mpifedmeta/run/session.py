@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpifedmeta.core import metagrad, rng
+from mpifedmeta import algorithms
+from mpifedmeta.core import rng
 from mpifedmeta.core.layout import ParamLayout
 from mpifedmeta.engine import backends, compiled, strategy
-from mpifedmeta.federation import algorithm, population
+from mpifedmeta.federation import algorithm, population, server
+from mpifedmeta.federation.state import AgentState
 from mpifedmeta.models import build_model, build_shapes, param_dict
 from mpifedmeta.models.lift import Refused, lift
 from mpifedmeta.parallel import dist
@@ -83,11 +85,15 @@ def _eval_spec(cfg: Config, num_train: int, num_agents: int) -> algorithm.EvalSp
                               cfg.train.alpha, e.chunk, e.stationarity, cfg.train.nu)
 
 
-def _round_spec(cfg: Config, num_train: int) -> algorithm.RoundSpec:
+def _round_spec(cfg: Config, num_train: int, algo) -> algorithm.RoundSpec:
     t = cfg.train
-    return algorithm.RoundSpec(t.seed, num_train, t.agents_per_round, t.weighting, t.local_steps, t.beta,
-                               t.batch_size, metagrad.MetaSpec(t.nu, t.alpha, t.metagrad, t.hf_delta, t.recompute),
-                               compiled.mode(t.compile))
+    return algorithm.RoundSpec(t.seed, num_train, t.agents_per_round, t.weighting, t.batch_size, algo,
+                               server.ServerSpec(**cfg.server.values), compiled.mode(t.compile))
+
+
+def _algorithm(cfg: Config, model, layout):
+    """The run's algorithm (algorithm.name and its keys), bound to the model."""
+    return algorithms.make(cfg.algorithm.values, cfg.train.values).prepare(model, layout)
 
 
 def setup(cfg: Config, world: dist.World, recorded: dict | None = None) -> Setup:
@@ -108,11 +114,16 @@ def setup(cfg: Config, world: dist.World, recorded: dict | None = None) -> Setup
     w0 = layout.flatten(param_dict(model)).to(device)
     agents = population.RankAgents(pop, block, world.rank, world.size, device, dtype,
                                    np.concatenate([evals.train_ids, evals.holdout_ids]), cfg.eval.chunk, num_train)
-    spec = _round_spec(cfg, num_train)
+    algo = agreed(world, lambda: _algorithm(cfg, model, layout))
+    spec = _round_spec(cfg, num_train, algo)
     name, backend, line, chunk, chunk_line = _choose_backend(cfg, world, model, agents, w0, spec, recorded)
     spec = dataclasses.replace(spec, agent_chunk=chunk)
     compiled.ANNOUNCE = world.is_root          # train.compile's fallback notice: one line, rank 0
-    the_round = algorithm.Round(spec, evals, backend, agents, pop.train_counts, world, dist.HostStage(device))
+    which = algo.state_params(layout)
+    agent_state = None if which is None or block is None else AgentState(
+        block.lo, block.hi, sum(layout.sizes[i] for i in which), device, dtype)
+    the_round = algorithm.Round(spec, evals, backend, agents, pop.train_counts, world, dist.HostStage(device),
+                                agent_state, server.initial_state(spec.server, layout.numel))
     return Setup(cfg, world, device, dtype, model, layout, pop, num_train, the_round, w0, name, line, chunk_line,
                  records)
 

@@ -16,7 +16,7 @@ from mpifedmeta.parallel import dist
 from mpifedmeta.run.config import Config, ConfigError, from_json, keys_where
 from mpifedmeta.run.console import say
 from mpifedmeta.run.protocol import agreed, check_output_dir, output_lock
-from mpifedmeta.run.runner import EXIT_OK, checkpoint_attrs, model_arrays, train
+from mpifedmeta.run.runner import EXIT_OK, checkpoint_attrs, checkpoint_groups, model_arrays, train
 from mpifedmeta.run.session import Setup, setup
 from mpifedmeta.storage import checkpoint, files, hdf5, metrics
 from mpifedmeta.storage.resume import resume_point
@@ -51,25 +51,37 @@ def _start_new(cfg: Config, world: dist.World) -> int:
         files.clean_stale_temps(out_dir)
         arrays, attrs = s.population.metadata(s.num_train)
         metrics.create(out_dir, cfg.to_json(), _file_attrs(s, params), arrays, {**attrs, "dataset": cfg.data.dataset},
-                          list(cfg.eval.finetune_steps), s.round.evals.train_ids,
-                       s.round.evals.holdout_ids)
+                       list(cfg.eval.finetune_steps), s.round.evals.train_ids, s.round.evals.holdout_ids,
+                       s.round.spec.algorithm.personalized)
     agreed(world, create, root_only=True, errors=())
     row = s.round.evaluate(params, 0)
+    groups = checkpoint_groups(s, s.round.server_state, s.round.agent_state())
 
     def first_checkpoint():
         metrics.append(out_dir, [], [row])
-        checkpoint.write(out_dir, 0, model_arrays(s, params), cfg.to_json(), checkpoint_attrs(s, 0.0), cfg.output.keep)
+        checkpoint.write(out_dir, 0, model_arrays(s, params), cfg.to_json(), checkpoint_attrs(s, 0.0), cfg.output.keep,
+                         groups)
     agreed(world, first_checkpoint, root_only=True, errors=())
     say(world, f"mpifedmeta {__version__}: {s.population.num_agents} agents ({s.population.num_agents - s.num_train} holdout) on "
                f"{world.size} rank(s), {cfg.model.name} with {params.numel()} parameters, "
-               f"nu={cfg.train.nu} {cfg.train.metagrad}, device {s.device}, agent chunk {s.agent_chunk_line}, "
+               f"{_algorithm_text(cfg)}, device {s.device}, agent chunk {s.agent_chunk_line}, "
                f"strategy {s.strategy_line}")
     return train(s, out_dir, params, 0, 0.0)
+
+
+def _algorithm_text(cfg: Config) -> str:
+    """The algorithm as the start-up line names it (meta: ν and the flavour; others: their keys)."""
+    a, t = cfg.algorithm.values, cfg.train
+    text = f"nu={t.nu} {t.metagrad}" if a["name"] == "meta" else \
+        a["name"] + "(" + ", ".join(f"{k}={v}" for k, v in a.items() if k != "name" and v is not None) + ")"
+    server_ = cfg.server
+    return text + ("" if server_.optimizer == "sgd" and server_.lr == 1.0 else f", server {server_.optimizer} lr={server_.lr}")
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:
     return {"mpifedmeta_version": __version__, "torch_version": str(torch.__version__),
             "strategy": s.strategy, "strategy_setting": s.cfg.train.strategy, "num_params": int(params.numel()),
+            "algorithm": s.round.spec.algorithm.name,
             "world_size_at_start": s.world.size, **_device_attrs(s)}
 
 
@@ -104,17 +116,46 @@ def _resume(out_dir: str, world: dist.World, rounds: int | None) -> int:
     like = s.w0
     expect = {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in s.layout.split(like).items()}
 
+    server_shapes, agent_shapes = _state_shapes(s)
+
     def load_then_cut():
         _, values, _, _ = checkpoint.read(path, expect)     # shapes and dtypes checked before any data is read
+        server_ = checkpoint.read_group(path, "server", server_shapes) if server_shapes else {}
+        if agent_shapes is not None:
+            checkpoint.read_group(path, "agent_state", agent_shapes, rows=(0, 0))     # declared shapes only
         files.clean_stale_temps(out_dir)
         dropped = metrics.truncate(out_dir, round_)
         if dropped:
             print(f"mpifedmeta: dropped {dropped} metrics rows written after the checkpoint of round {round_}", flush=True)
-        return values
-    values = dist.broadcast(world, agreed(world, load_then_cut, root_only=True))
+        return values, server_
+    values, server_ = dist.broadcast(world, agreed(world, load_then_cut, root_only=True))
     params = s.layout.flatten({k: torch.as_tensor(values[k]) for k in s.layout.names}).to(device=s.device, dtype=s.dtype)
+    if server_:
+        s.round.server_state = server_
+    _load_agent_state(s, path, world)
     say(world, f"mpifedmeta: {_now()} resuming {out_dir} at round {round_} of {cfg.train.rounds} on {world.size} rank(s)")
     return train(s, out_dir, params, round_, wall)
+
+
+def _state_shapes(s: Setup) -> tuple[dict, dict | None]:
+    """The checkpoint groups' expected {dataset: (shape, dtype)}: the server optimizer's, the agents'."""
+    d = s.layout.numel
+    server_ = {k: ((d,), "float64") for k in s.round.server_state}
+    st = s.round.state
+    if st is None:
+        return server_, None
+    size = st.values.shape[1]
+    dtype = str(st.values.dtype).replace("torch.", "")
+    return server_, {"values": ((s.population.num_agents, size), dtype), "has": ((s.population.num_agents,), "uint8")}
+
+
+def _load_agent_state(s: Setup, path: str, world: dist.World) -> None:
+    """Each rank reads its own rows of the agents' state (a resume may use another number of ranks)."""
+    _, agents = _state_shapes(s)
+    if agents is not None:
+        st = s.round.state
+        got = agreed(world, lambda: checkpoint.read_group(path, "agent_state", agents, rows=(st.lo, st.hi)))
+        st.load(got["values"], got["has"])
 
 
 def auto_resume_or_start(cfg: Config, world: dist.World) -> int:

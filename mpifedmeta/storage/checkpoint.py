@@ -33,8 +33,10 @@ def list_all(out_dir: str) -> list[tuple[int, str]]:
 
 
 def write(out_dir: str, round_: int, params: dict[str, np.ndarray], config_json: str,
-                     attrs: dict, keep: int) -> str:
-    """Write the checkpoint of ``round_`` and prune old ones (round 0 and the last ``keep`` stay)."""
+                     attrs: dict, keep: int, groups: dict[str, dict[str, np.ndarray]] | None = None) -> str:
+    """Write the checkpoint of ``round_`` and prune old ones (round 0 and the last ``keep`` stay).
+    ``groups``: more state to continue from, {group: {dataset: array}} (the server optimizer's
+    ``server``, the algorithm's per-agent ``agent_state``)."""
     target = path_of(out_dir, round_)
 
     def fill(f):
@@ -47,6 +49,10 @@ def write(out_dir: str, round_: int, params: dict[str, np.ndarray], config_json:
         g = f.create_group("model")
         for name, value in params.items():
             g.create_dataset(name, data=value)
+        for group, arrays in (groups or {}).items():
+            g = f.create_group(group)
+            for name, value in arrays.items():
+                g.create_dataset(name, data=value)
 
     atomic_write(target, fill)
     rounds = [r for r, _ in list_all(out_dir) if r != 0]
@@ -110,3 +116,26 @@ def check_param_shapes(path: str, got: dict, expect: dict) -> None:
         if tuple(got[name][0]) != tuple(expect[name][0]) or got[name][1] != expect[name][1]:
             raise OutputError(f"{path}: parameter {name} is {got[name][1]} {tuple(got[name][0])}, the model's is "
                               f"{expect[name][1]} {tuple(expect[name][0])}")
+
+
+def read_group(path: str, group: str, expect: dict[str, tuple[tuple[int, ...], str]],
+               rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The datasets ``expect`` names in ``group`` ({name: (shape, dtype)}), their declared shapes and
+    dtypes checked before any data is read; ``rows`` = (lo, hi): only those rows of each."""
+    with open_checked(path, CHECKPOINT_FORMAT) as f:
+        g = f.get(group)
+        if not isinstance(g, h5py.Group):
+            raise OutputError(f"{path}: group '{group}' is missing (the run keeps {', '.join(expect)} there)")
+        out = {}
+        for name, (shape, dtype) in expect.items():
+            ds = g.get(name)
+            if not isinstance(ds, h5py.Dataset):
+                raise OutputError(f"{path}: {group}/{name} is missing or not a dataset")
+            if tuple(ds.shape) != tuple(shape) or ds.dtype.name != dtype:
+                raise OutputError(f"{path}: {group}/{name} is {ds.dtype.name} {tuple(ds.shape)}, the run's is "
+                                  f"{dtype} {tuple(shape)}")
+            try:
+                out[name] = ds[()] if rows is None else ds[rows[0]:rows[1]]
+            except (KeyError, OSError) as e:
+                raise OutputError(f"{path}: incomplete checkpoint ({str(e).splitlines()[0]})") from None
+        return out

@@ -16,12 +16,28 @@ from mpifedmeta.storage.hdf5 import (FORMAT_VERSION, OutputError, atomic_write, 
 from mpifedmeta.storage.results import RunMetrics
 
 METRICS_FORMAT = "mpifedmeta.metrics"
-TRAIN_COLUMNS = {"round": np.int64, "meta_loss": np.float64, "wall_time": np.float64, "round_time": np.float64,
+TRAIN_COLUMNS = {"round": np.int64, "train_loss": np.float64, "wall_time": np.float64, "round_time": np.float64,
                  "allreduce_time": np.float64, "bytes_allreduced": np.int64, "num_sampled": np.int64,
                  "compute_time": np.float64, "compute_time_min": np.float64}   # the last two: absent in older files
 EVAL_MEANS = ("train_loss_mean", "train_acc_mean", "holdout_loss_mean", "holdout_acc_mean")
 EVAL_SCALARS = ("meta_loss_full", "grad_norm_sq")
 EVAL_AGENTS = ("train_agent_loss", "train_agent_acc", "holdout_agent_loss", "holdout_agent_acc")
+# algorithms with a personalized model (their own test loss/accuracy), only in files of such runs
+PERSONAL_MEANS = ("personal_loss_mean", "personal_acc_mean", "holdout_personal_loss_mean", "holdout_personal_acc_mean")
+PERSONAL_AGENTS = ("personal_agent_loss", "personal_agent_acc", "holdout_personal_agent_loss",
+                   "holdout_personal_agent_acc")
+OLD_NAMES = {"train_loss": "meta_loss"}     # train columns as files before version 0.2 named them
+
+
+def _train_name(group, name: str) -> str:
+    """The dataset of train column ``name`` in ``group`` (older files: its old name)."""
+    return OLD_NAMES[name] if name not in group and OLD_NAMES.get(name) in group else name
+
+
+def _eval_names(group) -> tuple[str, ...]:
+    """The eval table's columns in this file (the personalized ones only where the run has them)."""
+    return ("round",) + EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS + tuple(
+        n for n in PERSONAL_MEANS + PERSONAL_AGENTS if n in group)
 
 
 def path_of(out_dir: str) -> str:
@@ -30,8 +46,9 @@ def path_of(out_dir: str) -> str:
 
 def create(out_dir: str, config_json: str, attrs: dict, partition: dict[str, np.ndarray],
                    partition_attrs: dict, ks: list[int], train_agent_ids: np.ndarray,
-                   holdout_agent_ids: np.ndarray) -> str:
-    """Create an empty metrics.h5 (config, partition, empty train/eval tables)."""
+                   holdout_agent_ids: np.ndarray, personal: bool = False) -> str:
+    """Create an empty metrics.h5 (config, partition, empty train/eval tables; ``personal``: the
+    personalized model's columns too)."""
     path = path_of(out_dir)
     A, H, K = len(train_agent_ids), len(holdout_agent_ids), len(ks)
 
@@ -60,6 +77,12 @@ def create(out_dir: str, config_json: str, attrs: dict, partition: dict[str, np.
             # (an empty agent axis, e.g. no holdout agents, must still be resizable: maxshape None there)
             e.create_dataset(name, shape=(0, K, n), maxshape=(None, K, n if n else None), dtype=np.float32,
                              chunks=(1, K, max(1, min(n, 1 << 16))))
+        if personal:
+            for name in PERSONAL_MEANS:
+                e.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,))
+            for name, n in zip(PERSONAL_AGENTS, (A, A, H, H)):
+                e.create_dataset(name, shape=(0, n), maxshape=(None, n if n else None), dtype=np.float32,
+                                 chunks=(1, max(1, min(n, 1 << 16))))
         e.create_dataset("train_agent_ids", data=np.asarray(train_agent_ids, dtype=np.int64))
         e.create_dataset("holdout_agent_ids", data=np.asarray(holdout_agent_ids, dtype=np.int64))
 
@@ -82,12 +105,13 @@ def append(out_dir: str, train_rows: list[dict], eval_rows: list[dict]) -> None:
     def fill(f):
         if train_rows:
             for name, dtype in TRAIN_COLUMNS.items():
-                if name in f["train"]:         # files of older versions lack the newer columns
-                    _append(f["train"][name], np.array([r[name] for r in train_rows], dtype=dtype))
+                stored = _train_name(f["train"], name)
+                if stored in f["train"]:         # files of older versions lack the newer columns
+                    _append(f["train"][stored], np.array([r[name] for r in train_rows], dtype=dtype))
         if eval_rows:
             e = f["eval"]
             _append(e["round"], np.array([r["round"] for r in eval_rows], dtype=np.int64))
-            for name in EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS:
+            for name in _eval_names(e)[1:]:
                 _append(e[name], np.stack([np.asarray(r[name]) for r in eval_rows]).astype(e[name].dtype))
 
     open_checked(path, METRICS_FORMAT).close()
@@ -98,10 +122,11 @@ def _check_tables(f, path: str) -> tuple[np.ndarray, np.ndarray]:
     """The train and eval round columns, after checking that every table column is a dataset of
     the right length (read with a size bound: a file cannot make us allocate far more than it holds)."""
     lengths = {}
-    for group, names in (("train", tuple(TRAIN_COLUMNS)), ("eval", ("round",) + EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS)):
+    for group in ("train", "eval"):
         g = f.get(group)
         if not isinstance(g, h5py.Group):
             raise OutputError(f"{path}: '{group}' is missing or not a group")
+        names = tuple(_train_name(g, n) for n in TRAIN_COLUMNS) if group == "train" else _eval_names(g)
         for name in names:
             ds = g.get(name)
             if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
@@ -133,9 +158,10 @@ def truncate(out_dir: str, last_round: int) -> int:
 
     def fill(f):
         for name in TRAIN_COLUMNS:
-            if name in f["train"]:
-                f["train"][name].resize(keep_t, axis=0)
-        for name in ("round",) + EVAL_SCALARS + EVAL_MEANS + EVAL_AGENTS:
+            stored = _train_name(f["train"], name)
+            if stored in f["train"]:
+                f["train"][stored].resize(keep_t, axis=0)
+        for name in _eval_names(f["eval"]):
             f["eval"][name].resize(keep_e, axis=0)
 
     atomic_write(path, fill, start_from=path)
@@ -173,11 +199,15 @@ class _Reader:
         return config
 
     def train(self) -> dict[str, np.ndarray]:
-        """The 1-D datasets of group 'train' (equal lengths; round, meta_loss and wall_time required)."""
+        """The 1-D datasets of group 'train' (equal lengths; round, train_loss — meta_loss in older
+        files — and wall_time required)."""
         if not isinstance(self.f.get("train"), h5py.Group):
             raise self.bad("missing group 'train'")
         train = {n: d[:] for n, d in self.f["train"].items() if isinstance(d, h5py.Dataset) and d.ndim == 1}
-        for name in ("round", "meta_loss", "wall_time"):
+        for new, old in OLD_NAMES.items():
+            if new not in train and old in train:
+                train[new] = train.pop(old)
+        for name in ("round", "train_loss", "wall_time"):
             if name not in train:
                 raise self.bad(f"missing dataset 'train/{name}'")
         lengths = {len(v) for v in train.values()}
@@ -225,7 +255,22 @@ class _Reader:
             **{f"final_{name}": self.last_row(name, R, K, sizes[name.split("_")[0]]) for name in EVAL_AGENTS},
             train_agent_ids=train_ids, holdout_agent_ids=holdout_ids, train=train,
             attrs={k: plain_attr(v) for k, v in self.f.attrs.items() if k not in ("format", "config")},
-            **{name: self.rows(name, (R,)) for name in EVAL_SCALARS})
+            **{name: self.rows(name, (R,)) for name in EVAL_SCALARS}, personal=self.personal(R, sizes))
+
+    def personal(self, R: int, sizes: dict) -> dict[str, np.ndarray]:
+        """The personalized model's columns, where the run has them (means (R,), last row per agent)."""
+        e = self.f["eval"]
+        if "personal_acc_mean" not in e:
+            return {}
+        out = {name: self.rows(name, (R,)) for name in PERSONAL_MEANS if name in e}
+        for name in PERSONAL_AGENTS:
+            d = self.dataset("eval", name, required=False)
+            if d is not None:
+                n = sizes["holdout" if name.startswith("holdout") else "train"]
+                if d.ndim != 2 or d.shape[0] != R or d.shape[1] != n:
+                    raise self.bad(f"'eval/{name}' has shape {d.shape}, expected {(R, n)}")
+                out[f"final_{name}"] = np.asarray(d[R - 1], dtype=np.float64) if R else np.zeros(n)
+        return out
 
 
 def read(out_dir: str, strict: bool = False, tables: bool = False) -> RunMetrics:

@@ -33,11 +33,18 @@ class RunMetrics:
     final_holdout_agent_acc: np.ndarray  # (K, H)
     train_agent_ids: np.ndarray  # (A,) int64
     holdout_agent_ids: np.ndarray  # (H,) int64
-    train: dict[str, np.ndarray]  # 1-D arrays of the `train` group: round, meta_loss, wall_time, ...
+    train: dict[str, np.ndarray]  # 1-D arrays of the `train` group: round, train_loss, wall_time, ...
     attrs: dict[str, Any] = field(default_factory=dict)  # other file attributes (strategy, versions, ...)
     grad_norm_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) ‖∇F(w)‖², NaN when not tracked
     meta_loss_full: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (R,) F(w) on full local data
     tables: dict | None = None  # with metrics.read(..., tables=True): {"train"|"eval": {dataset: full array}}
+    # algorithms with a personalized model: {"personal_acc_mean": (R,), "holdout_personal_loss_mean": (R,), ...,
+    # "final_personal_agent_acc": (A,), ...}; empty otherwise
+    personal: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def has_personal(self) -> bool:
+        return "personal_acc_mean" in self.personal
 
     @property
     def name(self) -> str:
