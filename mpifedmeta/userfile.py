@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from mpifedmeta.run.config import ConfigError
+from mpifedmeta.errors import ConfigError
 
 
 class UserFileError(ConfigError):

@@ -15,7 +15,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from mpifedmeta import userfile
-from .loaders import DataError, Dataset, _npz_agents, _npz_features, _npz_labels
+from mpifedmeta.errors import DataError
+
+from .dataset import Dataset, _npz_agents, _npz_features, _npz_labels
 
 KEY = "data.dataset"
 

@@ -54,8 +54,11 @@ def _build(cfg: Config, world: dist.World):
     pop = population.make_population(cfg.data, cfg.train.seed, cfg.train.dtype)
     N, H = pop.num_agents, cfg.data.holdout_agents
     shapes = build_shapes(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden)
-    budget.check_run(cfg, world.size, pop.input_shape, sum(p.numel() for p in shapes.parameters()),
-                     torch.finfo(dtype).bits // 8, device, world.local_size)
+    layout = ParamLayout.of(dict(shapes.named_parameters()))
+    algo = _algorithm(cfg, shapes, layout)
+    which = algo.state_params(layout)
+    budget.check_run(cfg, world.size, pop.input_shape, layout.numel, torch.finfo(dtype).bits // 8, device,
+                     world.local_size, algo=algo, state_numel=0 if which is None else sum(layout.sizes[i] for i in which))
     if H >= N:
         raise ConfigError(f"data.holdout_agents = {H} must be < the {N} agents of the partition")
     if cfg.train.agents_per_round > N - H:
