@@ -86,7 +86,7 @@ def check_section(given: dict, train: dict) -> dict:
             isinstance(v, accepted) and not (isinstance(v, bool) and bool not in accepted))
         if not ok:
             raise ConfigError(f"algorithm.{k} = {v!r}: must be of type {' or '.join(t.__name__ for t in accepted)}")
-        out[k] = float(v) if isinstance(v, int) and not isinstance(v, bool) and float in accepted and int not in accepted[1:] and accepted[0] is float else v
+        out[k] = float(v) if isinstance(v, int) and not isinstance(v, bool) and accepted[:1] == (float,) else v
     make(out, train)
     return out
 
