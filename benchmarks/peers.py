@@ -361,7 +361,7 @@ def run_mpifedmeta(a, nu: int, method: str, ranks: int, threads: int, workdir: s
         return row
     metrics = common.read_run(out)
     row.update(summarize([float(x) for x in metrics.train["round_time"]], a.warmup))
-    row["loss_per_round"] = [float(x) for x in metrics.train["meta_loss"]]
+    row["loss_per_round"] = [float(x) for x in metrics.train["train_loss"]]
     row["strategy"] = str(metrics.attrs.get("strategy", "?"))
     t_line = startup_line_time(run)
     if t_line is not None:

@@ -166,3 +166,17 @@ def test_targets_table(tmp_path):
     assert text.startswith("head\n") and "<!-- targets:end -->\ntail\n" in text
     assert "<!-- peers:begin -->\n`python benchmarks/peers.py` printed:\n\n```\nms/round 14.4\n```\n<!-- peers:end -->" in text
     assert "<!-- roofline:begin -->\nkept\n<!-- roofline:end -->" in text    # no roofline.txt: left as it was
+
+
+def test_algorithms_benchmark_quick(tmp_path):
+    """Every algorithm on both sides (mpifedmeta's rounds in-process, the PFLlib-style per-agent loop):
+    the loop on the engine's batches gives the engine's global model, times and losses recorded, the targets."""
+    import math
+    d = _run("algorithms", tmp_path, timeout=180)
+    assert [r["algorithm"] for r in d["rows"]] == ["fedavg", "perfedavg-fo", "pfedme", "ditto", "fedrep"]
+    for r in d["rows"]:
+        assert r["engine_s_per_round"] > 0 and r["loop_s_per_round"] > 0 and r["rounds_timed"] >= 3
+        assert r["agreement"]["rel_err_w"] < 1e-4, (r["algorithm"], r["agreement"])
+        assert math.isfinite(r["engine_loss"]) and math.isfinite(r["loop_loss"])
+        assert _measured(d["targets"][f"vs_loop_{r['algorithm']}"]) == pytest.approx(
+            r["loop_s_per_round"] / r["engine_s_per_round"])

@@ -74,14 +74,14 @@ def test_metrics_file_layout(finished):
         assert d == sum(int(np.prod(s)) for s in expected_param_shapes().values())
 
         t = f["train"]
-        dtypes = {"round": np.int64, "meta_loss": np.float64, "wall_time": np.float64, "round_time": np.float64,
+        dtypes = {"round": np.int64, "train_loss": np.float64, "wall_time": np.float64, "round_time": np.float64,
                   "allreduce_time": np.float64, "bytes_allreduced": np.int64, "num_sampled": np.int64}
         for name, dt in dtypes.items():
             assert t[name].shape == (ROUNDS,), name
             assert t[name].dtype == dt, name
         assert t["round"][()].tolist() == list(range(1, ROUNDS + 1))
         assert np.all(t["num_sampled"][()] == K_PER_ROUND)
-        assert np.all(np.isfinite(t["meta_loss"][()])) and np.all(t["meta_loss"][()] > 0)
+        assert np.all(np.isfinite(t["train_loss"][()])) and np.all(t["train_loss"][()] > 0)
         assert np.all(np.diff(t["wall_time"][()]) >= 0)
         assert np.all(t["round_time"][()] >= 0) and np.all(t["allreduce_time"][()] >= 0)
         # one int64 per parameter (the exact sum of displacements), 2 for the meta-loss, 1 for the bad count
@@ -159,7 +159,7 @@ def test_report_writes_pngs(finished, tmp_path):
     before = file_hashes(out)
     proc = run_cli(["report", out, "--out", dest])
     assert_ok(proc)
-    for name in ("accuracy.png", "loss.png", "distribution.png", "train_meta_loss.png"):
+    for name in ("accuracy.png", "loss.png", "distribution.png", "train_loss.png"):
         p = os.path.join(dest, name)
         assert os.path.isfile(p), describe(proc)
         with open(p, "rb") as fh:

@@ -116,7 +116,7 @@ def _run(tmp_path, gpu, name, P, model="mlp", chunk=4):
     return out
 
 
-COMPARED = ("train/meta_loss", "eval/train_agent_loss", "eval/train_agent_acc", "eval/holdout_agent_loss",
+COMPARED = ("train/train_loss", "eval/train_agent_loss", "eval/train_agent_acc", "eval/holdout_agent_loss",
             "eval/grad_norm_sq", "eval/meta_loss_full")
 
 

@@ -169,7 +169,7 @@ def test_agent_chunk_run_recorded_and_identical_to_unpadded(tmp_path):
     a, b = final_model(outs[0]), final_model(outs[2])
     assert all(np.array_equal(a[k], b[k]) for k in a)
     ma, mb = read_metrics(outs[0]), read_metrics(outs[2])
-    for name in ("train/meta_loss", "eval/train_agent_loss", "eval/holdout_agent_acc", "eval/grad_norm_sq"):
+    for name in ("train/train_loss", "eval/train_agent_loss", "eval/holdout_agent_acc", "eval/grad_norm_sq"):
         assert arrays_identical(ma[name], mb[name]), name
     with h5py.File(outs[2] + "/metrics.h5") as f:
         assert int(f.attrs["agent_chunk"]) == 2 and not f.attrs["tf32"] and f.attrs["device"] == TEST_DEVICE

@@ -33,7 +33,7 @@ VARIANTS = {
     "float32-fullbatch-dirichlet": sets(train__batch_size="full", data__partition="dirichlet",
                                         data__dirichlet_alpha=0.3),
 }
-COMPARED = ("train/round", "train/meta_loss", "train/num_sampled", "eval/round", "eval/train_agent_acc",
+COMPARED = ("train/round", "train/train_loss", "train/num_sampled", "eval/round", "eval/train_agent_acc",
             "eval/holdout_agent_acc", "eval/train_acc_mean", "eval/holdout_acc_mean",
             "eval/train_agent_loss", "eval/holdout_agent_loss", "eval/train_loss_mean", "eval/holdout_loss_mean",
             "partition/train_ptr", "partition/train_idx", "partition/test_ptr", "partition/test_idx")
@@ -57,7 +57,7 @@ def test_results_bit_identical_for_1_2_3_ranks(variant, tmp_path):
     assert ckpts1[-1] == ROUNDS
     assert all(v.dtype == dtype for v in model1.values())
     assert metrics1["eval/round"].tolist() == [0, 2, 3]
-    assert np.all(np.isfinite(metrics1["train/meta_loss"]))
+    assert np.all(np.isfinite(metrics1["train/train_loss"]))
     assert any(not np.array_equal(init1[k], model1[k]) for k in model1)
     compared = [n for n in COMPARED if n not in KNOWN_P_DEPENDENT.get(variant, ())]
     for P in (2, 3):
@@ -401,7 +401,7 @@ def test_inprocess_run_on_world_equals_run_on_self(extra):
             assert ma["train/round"].tolist() == [1, 2, 3]
             if "train.agents_per_round=1" in extra:
                 assert ma["train/num_sampled"].tolist() == [1, 1, 1]
-            for name in ("train/meta_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc",
+            for name in ("train/train_loss", "eval/round", "eval/train_agent_acc", "eval/holdout_agent_acc",
                          "eval/train_agent_loss", "eval/grad_norm_sq"):
                 assert arrays_identical(ma[name], mb[name]), name
             assert checkpoint_rounds(os.path.join(base, "world")) == [0, 2, 3]
@@ -425,5 +425,5 @@ def test_inprocess_resume_on_world_equals_uninterrupted():
             assert_models_identical(final_model(a), final_model(b), "resumed vs straight")
             ma, mb = read_metrics(a), read_metrics(b)
             assert ma["train/round"].tolist() == [1, 2, 3, 4, 5]
-            assert arrays_identical(ma["train/meta_loss"], mb["train/meta_loss"])
+            assert arrays_identical(ma["train/train_loss"], mb["train/train_loss"])
         _on_root(comm, check)

@@ -314,7 +314,7 @@ def test_generated_runs_bit_identical_for_1_2_3_ranks(variant, tmp_path):
     model1, metrics1 = runs[1]
     for P in (2, 3):
         assert_models_identical(model1, runs[P][0], f"{variant}: final model P=1 vs P={P}")
-        for name in ("train/meta_loss", "eval/train_agent_loss", "eval/holdout_agent_acc", "eval/train_agent_ids"):
+        for name in ("train/train_loss", "eval/train_agent_loss", "eval/holdout_agent_acc", "eval/train_agent_ids"):
             assert arrays_identical(metrics1[name], runs[P][1][name]), f"{variant}: {name} P=1 vs P={P}"
 
 

@@ -545,7 +545,7 @@ def test_stop_signal_checkpoints_the_last_completed_round_at_once(cfg_path, fini
     assert_models_identical(final_model(finished), final_model(out), "stopped at once + resumed vs straight")
     a, b = read_metrics(finished), read_metrics(out)
     assert b["train/round"].tolist() == list(range(1, R + 1))
-    assert arrays_identical(a["train/meta_loss"], b["train/meta_loss"])
+    assert arrays_identical(a["train/train_loss"], b["train/train_loss"])
     assert arrays_identical(a["eval/train_agent_acc"], b["eval/train_agent_acc"])
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mpifedmeta.report import ReportError, load_run, make_report
 
-PNGS = ["accuracy.png", "loss.png", "distribution.png", "train_meta_loss.png"]
+PNGS = ["accuracy.png", "loss.png", "distribution.png", "train_loss.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

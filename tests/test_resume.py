@@ -45,7 +45,7 @@ def assert_same_as_straight(out, straight, eval_rounds=(0, 2, 3, 4, 6)):
     assert checkpoint_rounds(out)[-1] == R
     a, b = read_metrics(straight), read_metrics(out)
     assert b["train/round"].tolist() == list(range(1, R + 1))          # no duplicate, no missing row
-    for name in ("train/meta_loss", "train/num_sampled", "train/bytes_allreduced"):
+    for name in ("train/train_loss", "train/num_sampled", "train/bytes_allreduced"):
         assert arrays_identical(a[name], b[name]), name
     assert np.all(np.diff(b["train/wall_time"]) >= 0)
     assert b["eval/round"].tolist() == list(eval_rounds)
@@ -207,7 +207,7 @@ def test_sigterm_stops_with_exit_3_and_resume_completes(cfg_path, tmp_path):
     assert_models_identical(final_model(ref), final_model(killed), "killed+resumed vs uninterrupted")
     a, b = read_metrics(ref), read_metrics(killed)
     assert b["train/round"].tolist() == list(range(1, target + 1))
-    assert arrays_identical(a["train/meta_loss"], b["train/meta_loss"])
+    assert arrays_identical(a["train/train_loss"], b["train/train_loss"])
     assert arrays_identical(a["eval/round"], b["eval/round"])
     assert arrays_identical(a["eval/train_agent_acc"], b["eval/train_agent_acc"])
     print(f"stopped at round {k}, resumed to {target}: bit-identical to the uninterrupted run")
@@ -231,7 +231,7 @@ def test_divergence_exits_4_and_keeps_a_finite_checkpoint(beta, nprocs, cfg_path
     assert all(np.all(np.isfinite(v)) and np.all(np.abs(v) < 65536) for v in params.values())
     m = read_metrics(out)
     assert m["train/round"].tolist() == list(range(1, r))
-    assert np.all(np.isfinite(m["train/meta_loss"]))
+    assert np.all(np.isfinite(m["train/train_loss"]))
     print(f"\nbeta={beta}: diverged in round {r}, exit 4, last checkpoint round {rounds[-1]} finite")
 
 

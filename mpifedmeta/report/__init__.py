@@ -20,8 +20,9 @@ __all__ = ["ReportError", "RunMetrics", "load_run", "make_report", "default_labe
            "REPORT_FILES"]
 
 #: File names written by :func:`make_report`, in order.
-REPORT_FILES = ("accuracy.png", "loss.png", "distribution.png", "train_meta_loss.png", "summary.md")
+REPORT_FILES = ("accuracy.png", "loss.png", "distribution.png", "train_loss.png", "summary.md")
 STATIONARITY_FILE = "stationarity.png"   # written only when some run tracked ‖∇F(w)‖² (eval.stationarity)
+PERSONAL_FILE = "personal.png"           # written only when some run's algorithm has a personalized model
 
 
 class ReportError(ValueError):
@@ -38,7 +39,18 @@ def load_run(out_dir: str) -> RunMetrics:
 
 def default_label(run: RunMetrics) -> str:
     """``nu=<train.nu> <train.metagrad>`` from the run's config, ``FedAvg (nu=0)`` for ν = 0 (no
-    fine-tuning step, so no meta-gradient flavour); the directory name if absent."""
+    fine-tuning step, so no meta-gradient flavour), the algorithm's name for the others (with a
+    server optimizer other than sgd); the directory name if absent."""
+    train, algo, server = (run.config.get(k) for k in ("train", "algorithm", "server"))
+    opt = f" + {server['optimizer']}" if isinstance(server, dict) and server.get("optimizer", "sgd") != "sgd" else ""
+    if isinstance(algo, dict) and algo.get("name", "meta") != "meta":
+        return f"{fmt_value(algo['name'])}{opt}"
+    if opt:
+        return f"{default_label_meta(run)}{opt}"
+    return default_label_meta(run)
+
+
+def default_label_meta(run: RunMetrics) -> str:
     train = run.config.get("train")
     parts = []
     if isinstance(train, dict):
@@ -74,8 +86,11 @@ def _draw(runs: list[RunMetrics], labels: list[str], ks: list[int], dest: str, s
     plots.curves_plot(runs, labels, colors, ks, "acc", os.path.join(dest, acc), sharey)
     plots.curves_plot(runs, labels, colors, ks, "loss", os.path.join(dest, loss), sharey)
     plots.distribution_plot(runs, labels, colors, ks, os.path.join(dest, dist))
-    plots.meta_loss_plot(runs, labels, colors, os.path.join(dest, meta))
+    plots.train_loss_plot(runs, labels, colors, os.path.join(dest, meta))
     images = [acc, loss, dist, meta]
+    if any(r.has_personal for r in runs):
+        plots.personal_plot(runs, labels, colors, os.path.join(dest, PERSONAL_FILE))
+        images.append(PERSONAL_FILE)
     if any(np.isfinite(r.grad_norm_sq).any() for r in runs):
         plots.stationarity_plot(runs, labels, colors, os.path.join(dest, STATIONARITY_FILE))
         images.append(STATIONARITY_FILE)
@@ -83,8 +98,8 @@ def _draw(runs: list[RunMetrics], labels: list[str], ks: list[int], dest: str, s
 
 
 def make_report(out_dirs: list[str], dest: str, labels: list[str] | None = None, sharey: bool = False) -> list[str]:
-    """Write ``accuracy.png``, ``loss.png``, ``distribution.png``, ``train_meta_loss.png`` and
-    ``summary.md`` for the runs in ``out_dirs`` into ``dest`` (created). Returns the written paths.
+    """Write ``accuracy.png``, ``loss.png``, ``distribution.png``, ``train_loss.png`` (and
+    ``personal.png``, ``stationarity.png`` where runs have them) and ``summary.md`` for the runs in ``out_dirs`` into ``dest`` (created). Returns the written paths.
 
     ``labels`` (one per run) replaces the default labels (``nu=<nu> <metagrad>``);
     colliding labels get the run's directory name appended. ``sharey``: one y-axis for every k in

@@ -155,25 +155,45 @@ def distribution_plot(runs, labels, colors, ks, path: str) -> None:
     _save(fig, path)
 
 
-def meta_loss_plot(runs, labels, colors, path: str) -> None:
+def train_loss_plot(runs, labels, colors, path: str) -> None:
+    """The algorithm's training loss (metrics.h5 train/train_loss; train/meta_loss in older files)."""
     from matplotlib.lines import Line2D
 
     fig, (ax,) = _new_figure(1, width=6.4, height=4.0)
     drawn, xs = False, []
     for run, color in zip(runs, colors):
-        r, m = run.train["round"], np.asarray(run.train["meta_loss"], dtype=np.float64)
+        r, m = run.train["round"], np.asarray(run.train["train_loss"], dtype=np.float64)
         if r.size == 0 or not np.isfinite(m).any():
             continue
         xs.append(r)
         ax.plot(r, m, color=color, marker="o" if r.size <= 40 else None, ms=3)
         drawn = True
-    ax.set_title("training meta-loss")
+    ax.set_title("training loss (ν-family: the meta-loss f(θ^ν))")
     _round_axis(ax, xs)
-    ax.set_ylabel("train/meta_loss")
+    ax.set_ylabel("train/train_loss")
     ax.grid(True, alpha=0.3)
     if not drawn:
         _no_data(ax, "no training rounds")
     _legend(fig, [ax], [Line2D([], [], color=c, lw=2, label=lab) for lab, c in zip(labels, colors)], [])
+    _save(fig, path)
+
+
+def personal_plot(runs, labels, colors, path: str) -> None:
+    """Test accuracy of the algorithms' own personalized models over rounds (training / holdout agents)."""
+    fig, axes = _new_figure(2)
+    for run, label, color in zip(runs, labels, colors):
+        if not run.has_personal:
+            continue
+        axes[0].plot(run.eval_round, 100 * run.personal["personal_acc_mean"], color=color, label=label, marker="o", ms=3)
+        axes[1].plot(run.eval_round, 100 * run.personal["holdout_personal_acc_mean"], color=color, label=label,
+                     marker="o", ms=3)
+    axes[0].set_title("personalized model: training agents")
+    axes[1].set_title("personalized model: holdout agents")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     _save(fig, path)
 
 

@@ -62,12 +62,16 @@ def summary(runs, labels, ks, images: list[str]) -> str:
     head = ["run", "rounds", "eval round"]
     for k in ks:
         head += [f"train acc k={k} (%)", f"holdout acc k={k} (%)"]
+    personal = any(r.has_personal for r in runs)
+    if personal:
+        head += ["train acc, own model (%)", "holdout acc, own model (%)"]
     head.append("wall time")
     lines = [
         "# mpifedmeta report",
         "",
         "Personalized test accuracy after k fine-tuning steps at each run's last evaluated round:",
-        "mean over agents ± standard deviation over agents (training agents / holdout agents).",
+        "mean over agents ± standard deviation over agents (training agents / holdout agents);",
+        "\"own model\": the algorithm's personalized model (pFedMe, Ditto, FedRep), where it has one.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -81,6 +85,13 @@ def summary(runs, labels, ks, images: list[str]) -> str:
                 continue
             row.append(_acc_cell(float(run.train_acc_mean[-1, j]), run.final_train_agent_acc[j]))
             row.append(_acc_cell(float(run.holdout_acc_mean[-1, j]), run.final_holdout_agent_acc[j]))
+        if personal:
+            if run.has_personal and run.eval_round.size:
+                p = run.personal
+                row.append(_acc_cell(float(p["personal_acc_mean"][-1]), p["final_personal_agent_acc"]))
+                row.append(_acc_cell(float(p["holdout_personal_acc_mean"][-1]), p["final_holdout_personal_agent_acc"]))
+            else:
+                row += [DASH, DASH]
         row.append(_fmt_duration(run.wall_time))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Runs", ""]
@@ -133,7 +144,9 @@ def _mean_std(values: list[float]) -> str:
 
 def seed_table(groups, ks) -> str:
     """Final personalized accuracy per experiment: mean ± std over seeds of the agents' mean."""
-    head = ["experiment", "seeds"] + [f"train k={k}" for k in ks] + [f"holdout k={k}" for k in ks] + ["s/round"]
+    personal = any(r.has_personal for _, members in groups for r in members)
+    head = ["experiment", "seeds"] + [f"train k={k}" for k in ks] + [f"holdout k={k}" for k in ks] + \
+        (["train, own model", "holdout, own model"] if personal else []) + ["s/round"]
     lines = ["## Aggregated over seeds", "",
              "Personalized test accuracy (%) at the last evaluated round after k fine-tuning steps: mean ± std over "
              "seeds of the mean over agents; s/round = median training time per round, mean over seeds.", "",
@@ -148,6 +161,10 @@ def seed_table(groups, ks) -> str:
                     if j is not None and r.eval_round.size:
                         vals.append(float(getattr(r, what)[-1, j]))
                 row.append(_mean_std(vals))
+        if personal:
+            for what in ("personal_acc_mean", "holdout_personal_acc_mean"):
+                row.append(_mean_std([float(r.personal[what][-1]) for r in members
+                                      if r.has_personal and r.eval_round.size]))
         times = [float(np.median(r.train["round_time"])) for r in members
                  if "round_time" in r.train and r.train["round_time"].size]
         row.append(f"{np.mean(times):.3f}" if times else DASH)
