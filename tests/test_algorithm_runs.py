@@ -132,3 +132,21 @@ def test_user_algorithm_config_runs_the_fedprox_example(tmp_path):
     assert "examples/fedprox.py:build(mu=0.01)" in proc.stdout
     stored = metrics.read(out).config["algorithm"]
     assert stored == {"name": "examples/fedprox.py:build", "mu": 0.01}
+
+
+def test_report_shows_the_personalized_models_next_to_fine_tuning(cfg_path, tmp_path):
+    runs = {}
+    for name, extra in (("meta", []), ("ditto", RUNS["ditto"])):
+        runs[name] = str(tmp_path / name)
+        assert_ok(run_cli(["run", cfg_path] + extra + sets(output__dir=runs[name], train__rounds=2)))
+    dest = str(tmp_path / "report")
+    assert_ok(run_cli(["report", runs["meta"], runs["ditto"], "--out", dest]))
+    assert os.path.getsize(os.path.join(dest, "personal.png")) > 1000
+    assert os.path.getsize(os.path.join(dest, "train_loss.png")) > 1000
+    text = open(os.path.join(dest, "summary.md")).read()
+    assert "train acc, own model (%)" in text and "| ditto + adam |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| ditto + adam |"))
+    acc = metrics.read(runs["ditto"]).personal["personal_acc_mean"][-1]
+    assert f"{100 * acc:.1f}" in row
+    meta_row = next(line for line in text.splitlines() if line.startswith("| nu=2 exact |"))
+    assert meta_row.count("–") >= 2            # no personalized model: dashes in those columns
