@@ -36,6 +36,10 @@ def _notice(key, text: str) -> None:
 
 
 def _signature(algo, backend, theta, state, X, idx, mask):
+    try:
+        hash(algo)
+    except TypeError:            # a user's algorithm that is not a frozen dataclass: keyed by identity
+        algo = ("id", id(algo))
     return (id(backend), algo, tuple(theta.shape), theta.dtype, None if state is None else tuple(state.shape),
             tuple(X.shape), X.dtype, X.device, tuple(idx.shape), tuple(idx.stride()), tuple(mask.stride()))
 
