@@ -12,6 +12,7 @@ import torch
 MASK32 = 0xFFFFFFFF
 # Purposes, mixed into the key so that different uses never share a stream.
 COHORT, BATCH, EVAL_AGENTS, EVAL_HOLDOUT = 0xC0407, 0xBA7C4, 0xE7A1, 0xE7A2
+POISSON_COHORT, NOISE = 0xC0408, 0xD9015
 
 
 def _mul32(x, c: int):
@@ -49,6 +50,15 @@ def cohort(seed: int, round_: int, num_train_agents: int, size: int) -> np.ndarr
     then uses Floyd's algorithm; otherwise a partial shuffle of N ids), so a cohort of 10³ out of 10⁷
     agents costs microseconds and no array of size N (tests/test_population.py checks it)."""
     rng = np.random.default_rng([COHORT, seed, round_])
+    return np.sort(rng.choice(num_train_agents, size=size, replace=False)).astype(np.int64)
+
+
+def poisson_cohort(seed: int, round_: int, num_train_agents: int, probability: float) -> np.ndarray:
+    """The sorted agent ids of a Poisson-sampled round: every agent joins independently with
+    ``probability`` (identical on every rank; may be empty). Drawn as a Binomial(N, q) size, then a
+    uniform subset of that size — the same distribution as N coin flips, in O(cohort) work."""
+    rng = np.random.default_rng([POISSON_COHORT, seed, round_])
+    size = int(rng.binomial(num_train_agents, probability))
     return np.sort(rng.choice(num_train_agents, size=size, replace=False)).astype(np.int64)
 
 

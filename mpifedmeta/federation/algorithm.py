@@ -24,6 +24,8 @@ from mpifedmeta.parallel import dist
 from mpifedmeta.federation import server
 from mpifedmeta.federation.block import AgentBlock, padded_rows
 from mpifedmeta.federation.state import AgentState, gather
+from mpifedmeta.privacy import mechanism
+from mpifedmeta.privacy.mechanism import PrivacySpec
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class RoundSpec:
     batch_size: int | str
     algorithm: Algorithm        # its local update, batch slots, state and personalized model
     server: server.ServerSpec = server.ServerSpec()
+    sampling: str = "fixed"     # privacy.sampling: fixed-size cohorts | poisson (each agent with probability m/N)
+    privacy: PrivacySpec | None = None    # DP-FedAvg: clipped updates, Gaussian noise, fixed denominator
     compile: str = "off"        # train.compile: off | compile | cudagraphs
     agent_chunk: int = 0        # agents per batched call, last chunk padded (0 = the whole block at once)
 
@@ -61,6 +65,7 @@ class RoundResult:
     bad: int
     compute_time: float
     timings: dict
+    num_sampled: int = 0
 
 
 def cohort_weights(cohort: np.ndarray, train_counts, weighting: str) -> np.ndarray:
@@ -146,6 +151,9 @@ def local_round(backend, block: AgentBlock, w: torch.Tensor, spec: RoundSpec, ro
         if state is not None:
             state.store(positions[a:b], s[:b - a])
         _restore_unshared(algo, backend.layout, theta, w)
+        if spec.privacy is not None:
+            with record_function("mpifedmeta.clip"):
+                mechanism.clip_updates(theta, w, spec.privacy.clip)
         with record_function("mpifedmeta.exact_sum"):
             q, bad = exactsum.encode_displacements(theta[:b - a], w, scale[a:b].to(w.dtype))
         sums.displacements += q
@@ -157,12 +165,15 @@ def local_round(backend, block: AgentBlock, w: torch.Tensor, spec: RoundSpec, ro
 
 def server_step(world: dist.World, stage: dist.HostStage, sums: BlockSums, w: torch.Tensor,
                 total_weight: int, opt: server.ServerSpec = server.ServerSpec(),
-                opt_state: dict | None = None) -> tuple[torch.Tensor | None, float, int, dict, dict]:
+                opt_state: dict | None = None, noise: np.ndarray | None = None,
+                denominator: int = 0) -> tuple[torch.Tensor | None, float, int, dict, dict]:
     """The server step: one SUM Allreduce of every rank's sums, the mean update Δ, the server optimizer.
 
-    The device values reach the host in one copy into ``stage``'s reused buffer. Returns (the new
-    flat global model, typed and placed like ``w`` — None when a local model left the range
-    anywhere —, the weighted mean training loss (nan then), the bad count, {"allreduce_time",
+    The device values reach the host in one copy into ``stage``'s reused buffer. With ``noise``
+    (differential privacy: float64 (d,), the same on every rank) Δ = (Σ Δ̃_i + noise) / ``denominator``
+    (fixed; the weights are 1), else Δ = Σ c_i·Δ_i / Σ c_i. Returns (the new flat global model, typed
+    and placed like ``w`` — None when a local model left the range anywhere —, the weighted mean
+    training loss (nan then, or for an empty cohort), the bad count, {"allreduce_time",
     "bytes_allreduced"}, the optimizer's new state (``opt_state`` itself when it diverged))."""
     t0 = time.perf_counter()
     local = torch.cat([sums.displacements, sums.loss.reshape(-1), sums.bad.reshape(1)])
@@ -174,11 +185,15 @@ def server_step(world: dist.World, stage: dist.HostStage, sums: BlockSums, w: to
     if bad:
         return None, float("nan"), bad, timings, opt_state
     w64 = w.detach().to(torch.float64).cpu().numpy()
-    delta = exactsum.decode_displacements(buf[:d], np.zeros(()), exactsum.grid_bits(total_weight), total_weight)
+    bits = exactsum.grid_bits(max(1, total_weight))
+    if noise is None:
+        delta = exactsum.decode_displacements(buf[:d], np.zeros(()), bits, total_weight)
+    else:
+        delta = (exactsum.decode_displacements(buf[:d], np.zeros(()), bits, 1) + noise) / denominator
     new, new_state = server.step(opt, w64, delta, opt_state)
     if not np.all(np.abs(new) < exactsum.LIMIT):
         return None, float("nan"), int(np.sum(~(np.abs(new) < exactsum.LIMIT))), timings, opt_state
-    train_loss = float(exactsum.decode(buf[d:d + 2].reshape(2, 1))[0])
+    train_loss = float(exactsum.decode(buf[d:d + 2].reshape(2, 1))[0]) if total_weight else float("nan")
     return torch.as_tensor(new, dtype=w.dtype).to(w.device), train_loss, 0, timings, new_state
 
 
@@ -257,11 +272,21 @@ class Round:
         self.spec, self.evals, self.backend, self.agents = spec, evals, backend, agents
         self.train_counts, self.world, self.stage = train_counts, world, stage
         self.state, self.server_state = state, server_state
+        shared = spec.algorithm.shared_params(backend.layout)
+        self.shared_mask = None if shared is None else np.concatenate(
+            [np.full(n, i in shared) for i, n in enumerate(backend.layout.sizes)])
+
+    def cohort(self, round_: int) -> np.ndarray:
+        """The round's cohort: fixed-size, or Poisson-sampled (privacy.sampling); the same on every rank."""
+        s = self.spec
+        if s.sampling == "poisson":
+            return rng.poisson_cohort(s.seed, round_, s.num_train, s.agents_per_round / s.num_train)
+        return rng.cohort(s.seed, round_, s.num_train, s.agents_per_round)
 
     def run(self, w: torch.Tensor, round_: int) -> RoundResult:
         s = self.spec
         # 1. the cohort (the same on every rank) and its integer weights
-        cohort = rng.cohort(s.seed, round_, s.num_train, s.agents_per_round)
+        cohort = self.cohort(round_)
         weights = cohort_weights(cohort, self.train_counts, s.weighting)
         # 2. the algorithm's local update of this rank's share, exactly summed
         t0 = time.perf_counter()
@@ -269,10 +294,12 @@ class Round:
         if w.is_cuda:
             torch.cuda.synchronize(w.device)
         compute = time.perf_counter() - t0
-        # 3. the server step: one Allreduce, the mean update, the server optimizer
+        # 3. the server step: one Allreduce, (the noise,) the mean update, the server optimizer
+        noise = None if s.privacy is None else mechanism.noise(s.privacy, s.seed, round_, w.numel(), self.shared_mask)
         new, loss, bad, timings, self.server_state = server_step(self.world, self.stage, sums, w, int(weights.sum()),
-                                                                 s.server, self.server_state)
-        return RoundResult(new, loss, bad, compute, timings)
+                                                                 s.server, self.server_state, noise,
+                                                                 s.agents_per_round)
+        return RoundResult(new, loss, bad, compute, timings, len(cohort))
 
     def agent_state(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Every agent's state (values, has) on rank 0 (a collective call; None elsewhere or stateless)."""

@@ -172,6 +172,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "beta2": Key(0.99, (float, int), lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "adam, yogi: second-moment decay"),
         "eps": Key(1e-3, (float, int), _positive, "adagrad, adam, yogi: adaptivity eps"),
     },
+    "privacy": {
+        "clip": Key(None, (float, int), _positive, "DP-FedAvg: L2 bound C > 0 on each agent's update (turns differential privacy on; unset = off)"),
+        "noise_multiplier": Key(None, (float, int), _non_negative, "z >= 0: Gaussian noise N(0, z^2 C^2) on the sum of the clipped updates (or set target_epsilon)"),
+        "target_epsilon": Key(None, (float, int), _positive, "calibrate z at start-up so that epsilon after train.rounds rounds is at most this (within 5%)"),
+        "delta": Key(None, (float,), _fraction, "delta of the (epsilon, delta) guarantee (unset: 1 / N^1.1, N the training agents)"),
+        "sampling": Key("fixed", (str,), _one_of(("fixed", "poisson")), "fixed: agents_per_round agents a round (replace-one accounting); poisson: each training agent joins with probability agents_per_round / N (add/remove-one)"),
+        "accountant": Key("rdp", (str,), _one_of(("rdp", "pld")), "dp-accounting's RDP or PLD accountant (PLD: poisson sampling only)"),
+    },
     "eval": {
         "every": Key(10, (int,), _positive, "evaluate every this many rounds (and at round 0 and the end)"),
         "finetune_steps": Key([0, 1, 2, 3], (list,), _int_list, "the k fine-tuning steps evaluated"),
@@ -259,7 +267,27 @@ def validate(raw: dict) -> Config:
     algorithms = importlib.import_module("mpifedmeta.algorithms")
     out["algorithm"] = algorithms.check_section(given_algorithm, out["train"])
     _check_algorithm(out)
+    _check_privacy(out)
     return Config(out)
+
+
+def _check_privacy(out: dict) -> None:
+    """Cross-key rules of differential privacy."""
+    p, t = out["privacy"], out["train"]
+    if p["clip"] is None:
+        for k in ("noise_multiplier", "target_epsilon", "delta"):
+            if p[k] is not None:
+                raise ConfigError(f"privacy.{k} = {p[k]!r} needs privacy.clip (C > 0 turns differential privacy on)")
+        return
+    if (p["noise_multiplier"] is None) == (p["target_epsilon"] is None):
+        raise ConfigError("privacy.clip is set: give exactly one of privacy.noise_multiplier or privacy.target_epsilon")
+    if p["target_epsilon"] is not None and t["rounds"] == 0:
+        raise ConfigError(f"privacy.target_epsilon = {p['target_epsilon']!r} needs train.rounds > 0 (z is calibrated "
+                          "for the configured rounds)")
+    if t["weighting"] != "uniform":
+        raise ConfigError(f"train.weighting = {t['weighting']!r}: differential privacy (privacy.clip) needs uniform "
+                          "weights (the noise is calibrated to a sum of clipped updates)")
+    importlib.import_module("mpifedmeta.privacy.accountant").check(p["sampling"], p["accountant"])
 
 
 def _check_algorithm(out: dict) -> None:
@@ -285,6 +313,9 @@ def _section(sec: str, keys: dict[str, Key], given) -> dict:
     values = {}
     for k, key in keys.items():
         v = given.get(k, copy.deepcopy(key.default))
+        if v is None and key.default is None:     # an optional key left unset (stored as null)
+            values[k] = None
+            continue
         if not _type_ok(v, key):
             names = " or ".join(t.__name__ for t in key.types)
             raise ConfigError(f"{sec}.{k} = {v!r}: must be of type {names}")

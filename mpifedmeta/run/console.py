@@ -21,9 +21,11 @@ class Progress:
             from tqdm import tqdm
             self.bar, self.lines = tqdm(total=total, initial=start, unit="round", dynamic_ncols=True), False
 
-    def update(self, round_: int, total: int, loss: float, round_time: float, eval_row: dict | None = None) -> None:
-        """One finished round; ``eval_row`` (rank 0, rounds that evaluated) adds the accuracies."""
-        acc = accuracy_text(eval_row)
+    def update(self, round_: int, total: int, loss: float, round_time: float, eval_row: dict | None = None,
+               epsilon: float | None = None) -> None:
+        """One finished round; ``eval_row`` (rank 0, rounds that evaluated) adds the accuracies,
+        ``epsilon`` (differential privacy) the privacy spent so far."""
+        acc = accuracy_text(eval_row) + (f"  eps {epsilon:.3g}" if epsilon is not None else "")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {loss:.4f}{acc}")

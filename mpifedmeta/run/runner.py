@@ -13,6 +13,7 @@ import torch
 
 from mpifedmeta.core import exactsum
 from mpifedmeta.parallel import dist
+from mpifedmeta.privacy import accountant
 from mpifedmeta.run import signals
 from mpifedmeta.run.console import Progress, final_table, say
 from mpifedmeta.run.protocol import agreed
@@ -39,7 +40,16 @@ def checkpoint_groups(s: Setup, server_state: dict, agent_state) -> dict:
 def checkpoint_attrs(s: Setup, wall: float) -> dict:
     return {"wall_time": wall, "strategy": s.strategy, "rng": "counter-based: (seed, round, agent, step)",
             "agent_chunk": s.round.spec.agent_chunk, "algorithm": s.round.spec.algorithm.name,
-            "server_optimizer": s.round.spec.server.optimizer}
+            "server_optimizer": s.round.spec.server.optimizer, **privacy_attrs(s)}
+
+
+def privacy_attrs(s: Setup) -> dict:
+    """The DP mechanism's parameters (the calibrated z among them: a resume keeps it), or {}."""
+    p = s.round.spec.privacy
+    if p is None:
+        return {}
+    return {"privacy_noise_multiplier": p.noise_multiplier, "privacy_clip": p.clip, "privacy_q": p.q,
+            "privacy_delta": p.delta, "privacy_sampling": p.sampling, "privacy_accountant": p.accountant}
 
 
 class _Writer:
@@ -112,6 +122,8 @@ def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: floa
     writer = _Writer(s, out_dir, start_round, w, wall0)
     progress = Progress(s.world, start_round, R, cfg.output.progress_every)
     last_eval, wall, code = None, wall0, EXIT_OK
+    privacy = s.round.spec.privacy
+    ledger = accountant.Ledger(privacy, start_round) if privacy is not None and s.world.is_root else None
     signals.on_stop(writer.on_stop)
     try:
         for r in range(start_round + 1, R + 1):
@@ -126,9 +138,12 @@ def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: floa
                 break
             w, round_time = result.w, time.perf_counter() - t0
             wall += round_time
-            writer.train.append({"round": r, "train_loss": result.train_loss, "wall_time": wall, "round_time": round_time,
-                                "num_sampled": cfg.train.agents_per_round, "compute_time": slowest,
-                                "compute_time_min": fastest, **result.timings})
+            row = {"round": r, "train_loss": result.train_loss, "wall_time": wall, "round_time": round_time,
+                   "num_sampled": result.num_sampled, "compute_time": slowest, "compute_time_min": fastest,
+                   **result.timings}
+            if ledger is not None:
+                row["epsilon"] = ledger.advance()
+            writer.train.append(row)
             # the personalized evaluation, every eval.every rounds and at the end
             evaluated = _due(r, cfg.eval.every, R)
             if evaluated:
@@ -138,7 +153,7 @@ def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: floa
             # metrics rows and checkpoints: rank 0 writes, every rank learns whether it worked
             checkpointed = _due(r, cfg.output.checkpoint_every, R) or stop
             writer.completed(r, w, wall, s.round.agent_state() if checkpointed else None)
-            progress.update(r, R, result.train_loss, round_time, last_eval if evaluated else None)
+            progress.update(r, R, result.train_loss, round_time, last_eval if evaluated else None, row.get("epsilon"))
             if checkpointed or evaluated:
                 writer.flush(with_checkpoint=checkpointed)
             if signals.requested():
@@ -180,6 +195,12 @@ def _finish(s: Setup, out_dir: str, last_eval: dict | None, wall: float) -> None
             last_eval.update({k[len("final_"):]: v for k, v in run.personal.items() if k.startswith("final_")})
     if last_eval is not None:
         print(final_table(list(s.cfg.eval.finetune_steps), last_eval), flush=True)
+    p = s.round.spec.privacy
+    if p is not None:
+        eps = metrics.read(out_dir).train.get("epsilon", np.zeros(0))
+        print(f"privacy: epsilon = {eps[-1] if eps.size else float('nan'):.4g} at delta = {p.delta:.3g} "
+              f"(noise multiplier z = {p.noise_multiplier:.4g}, clip C = {p.clip:g}, q = {p.q:.4g}, "
+              f"{p.sampling} sampling, {p.accountant} accountant)", flush=True)
     print(f"done: {s.cfg.train.rounds} rounds, {wall:.1f} s of training; results in {out_dir}", flush=True)
 
 

@@ -20,6 +20,8 @@ from mpifedmeta.core.layout import ParamLayout
 from mpifedmeta.engine import backends, compiled, strategy
 from mpifedmeta.federation import algorithm, population, server
 from mpifedmeta.federation.state import AgentState
+from mpifedmeta.privacy import accountant
+from mpifedmeta.privacy.mechanism import PrivacySpec
 from mpifedmeta.models import build_model, build_shapes, param_dict
 from mpifedmeta.models.lift import Refused, lift
 from mpifedmeta.parallel import dist
@@ -88,10 +90,27 @@ def _eval_spec(cfg: Config, num_train: int, num_agents: int) -> algorithm.EvalSp
                               cfg.train.alpha, e.chunk, e.stationarity, cfg.train.nu)
 
 
-def _round_spec(cfg: Config, num_train: int, algo) -> algorithm.RoundSpec:
+def _round_spec(cfg: Config, num_train: int, algo, privacy: PrivacySpec | None) -> algorithm.RoundSpec:
     t = cfg.train
     return algorithm.RoundSpec(t.seed, num_train, t.agents_per_round, t.weighting, t.batch_size, algo,
-                               server.ServerSpec(**cfg.server.values), compiled.mode(t.compile))
+                               server.ServerSpec(**cfg.server.values), cfg.privacy.sampling, privacy,
+                               compiled.mode(t.compile))
+
+
+def _privacy(cfg: Config, num_train: int, recorded_z: float | None) -> PrivacySpec | None:
+    """The DP mechanism of ``[privacy]`` (None when privacy.clip is unset): δ defaults to 1/N^1.1; a
+    target ε is calibrated into z for train.rounds rounds — once: a resume keeps the recorded z."""
+    p = cfg.privacy
+    if p.clip is None:
+        return None
+    delta = p.delta if p.delta is not None else 1.0 / num_train ** 1.1
+    spec = PrivacySpec(float(p.clip), float(p.noise_multiplier or 0.0), delta, p.sampling, p.accountant, num_train,
+                       cfg.train.agents_per_round)
+    if p.target_epsilon is not None:
+        z = recorded_z if recorded_z is not None else accountant.calibrate(spec, float(p.target_epsilon),
+                                                                            cfg.train.rounds)
+        spec = dataclasses.replace(spec, noise_multiplier=float(z))
+    return spec
 
 
 def _algorithm(cfg: Config, model, layout):
@@ -118,7 +137,9 @@ def setup(cfg: Config, world: dist.World, recorded: dict | None = None) -> Setup
     agents = population.RankAgents(pop, block, world.rank, world.size, device, dtype,
                                    np.concatenate([evals.train_ids, evals.holdout_ids]), cfg.eval.chunk, num_train)
     algo = agreed(world, lambda: _algorithm(cfg, model, layout))
-    spec = _round_spec(cfg, num_train, algo)
+    privacy = dist.broadcast(world, agreed(world, lambda: _privacy(cfg, num_train, recorded.get("noise_multiplier")),
+                                           root_only=True))
+    spec = _round_spec(cfg, num_train, algo, privacy)
     name, backend, line, chunk, chunk_line = _choose_backend(cfg, world, model, agents, w0, spec, recorded)
     spec = dataclasses.replace(spec, agent_chunk=chunk)
     compiled.ANNOUNCE = world.is_root          # train.compile's fallback notice: one line, rank 0

@@ -16,7 +16,7 @@ from mpifedmeta.parallel import dist
 from mpifedmeta.run.config import Config, ConfigError, from_json, keys_where
 from mpifedmeta.run.console import say
 from mpifedmeta.run.protocol import agreed, check_output_dir, output_lock
-from mpifedmeta.run.runner import EXIT_OK, checkpoint_attrs, checkpoint_groups, model_arrays, train
+from mpifedmeta.run.runner import EXIT_OK, checkpoint_attrs, checkpoint_groups, model_arrays, privacy_attrs, train
 from mpifedmeta.run.session import Setup, setup
 from mpifedmeta.storage import checkpoint, files, hdf5, metrics
 from mpifedmeta.storage.resume import resume_point
@@ -52,7 +52,7 @@ def _start_new(cfg: Config, world: dist.World) -> int:
         arrays, attrs = s.population.metadata(s.num_train)
         metrics.create(out_dir, cfg.to_json(), _file_attrs(s, params), arrays, {**attrs, "dataset": cfg.data.dataset},
                        list(cfg.eval.finetune_steps), s.round.evals.train_ids, s.round.evals.holdout_ids,
-                       s.round.spec.algorithm.personalized)
+                       s.round.spec.algorithm.personalized, privacy_attrs(s))
     agreed(world, create, root_only=True, errors=())
     row = s.round.evaluate(params, 0)
     groups = checkpoint_groups(s, s.round.server_state, s.round.agent_state())
@@ -64,18 +64,25 @@ def _start_new(cfg: Config, world: dist.World) -> int:
     agreed(world, first_checkpoint, root_only=True, errors=())
     say(world, f"mpifedmeta {__version__}: {s.population.num_agents} agents ({s.population.num_agents - s.num_train} holdout) on "
                f"{world.size} rank(s), {cfg.model.name} with {params.numel()} parameters, "
-               f"{_algorithm_text(cfg)}, device {s.device}, agent chunk {s.agent_chunk_line}, "
+               f"{_algorithm_text(cfg, s)}, device {s.device}, agent chunk {s.agent_chunk_line}, "
                f"strategy {s.strategy_line}")
     return train(s, out_dir, params, 0, 0.0)
 
 
-def _algorithm_text(cfg: Config) -> str:
+def _algorithm_text(cfg: Config, s: Setup) -> str:
     """The algorithm as the start-up line names it (meta: ν and the flavour; others: their keys)."""
     a, t = cfg.algorithm.values, cfg.train
     text = f"nu={t.nu} {t.metagrad}" if a["name"] == "meta" else \
         a["name"] + "(" + ", ".join(f"{k}={v}" for k, v in a.items() if k != "name" and v is not None) + ")"
     server_ = cfg.server
-    return text + ("" if server_.optimizer == "sgd" and server_.lr == 1.0 else f", server {server_.optimizer} lr={server_.lr}")
+    text += "" if server_.optimizer == "sgd" and server_.lr == 1.0 else f", server {server_.optimizer} lr={server_.lr}"
+    p = s.round.spec.privacy
+    if p is not None:
+        how = f"calibrated to epsilon {cfg.privacy.target_epsilon:g} in {cfg.train.rounds} rounds" \
+            if cfg.privacy.target_epsilon is not None else "given"
+        text += (f", DP: clip {p.clip:g}, noise multiplier {p.noise_multiplier:.4g} ({how}), delta {p.delta:.3g}, "
+                 f"{p.sampling} sampling q={p.q:.4g}, {p.accountant}")
+    return text
 
 
 def _file_attrs(s: Setup, params: dict) -> dict:

@@ -26,6 +26,7 @@ EVAL_AGENTS = ("train_agent_loss", "train_agent_acc", "holdout_agent_loss", "hol
 PERSONAL_MEANS = ("personal_loss_mean", "personal_acc_mean", "holdout_personal_loss_mean", "holdout_personal_acc_mean")
 PERSONAL_AGENTS = ("personal_agent_loss", "personal_agent_acc", "holdout_personal_agent_loss",
                    "holdout_personal_agent_acc")
+OPTIONAL_TRAIN = {"epsilon": np.float64}    # differentially private runs: ε after each round
 OLD_NAMES = {"train_loss": "meta_loss"}     # train columns as files before version 0.2 named them
 
 
@@ -46,7 +47,7 @@ def path_of(out_dir: str) -> str:
 
 def create(out_dir: str, config_json: str, attrs: dict, partition: dict[str, np.ndarray],
                    partition_attrs: dict, ks: list[int], train_agent_ids: np.ndarray,
-                   holdout_agent_ids: np.ndarray, personal: bool = False) -> str:
+                   holdout_agent_ids: np.ndarray, personal: bool = False, privacy: dict | None = None) -> str:
     """Create an empty metrics.h5 (config, partition, empty train/eval tables; ``personal``: the
     personalized model's columns too)."""
     path = path_of(out_dir)
@@ -66,6 +67,10 @@ def create(out_dir: str, config_json: str, attrs: dict, partition: dict[str, np.
         t = f.create_group("train")
         for name, dtype in TRAIN_COLUMNS.items():
             t.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        if privacy:
+            eps = t.create_dataset("epsilon", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,))
+            for k, v in privacy.items():
+                eps.attrs[k] = v
         e = f.create_group("eval")
         e.attrs["finetune_steps"] = np.asarray(ks, dtype=np.int64)
         e.create_dataset("round", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
@@ -104,7 +109,7 @@ def append(out_dir: str, train_rows: list[dict], eval_rows: list[dict]) -> None:
 
     def fill(f):
         if train_rows:
-            for name, dtype in TRAIN_COLUMNS.items():
+            for name, dtype in {**TRAIN_COLUMNS, **OPTIONAL_TRAIN}.items():
                 stored = _train_name(f["train"], name)
                 if stored in f["train"]:         # files of older versions lack the newer columns
                     _append(f["train"][stored], np.array([r[name] for r in train_rows], dtype=dtype))
@@ -126,7 +131,8 @@ def _check_tables(f, path: str) -> tuple[np.ndarray, np.ndarray]:
         g = f.get(group)
         if not isinstance(g, h5py.Group):
             raise OutputError(f"{path}: '{group}' is missing or not a group")
-        names = tuple(_train_name(g, n) for n in TRAIN_COLUMNS) if group == "train" else _eval_names(g)
+        names = tuple(_train_name(g, n) for n in TRAIN_COLUMNS) + tuple(n for n in OPTIONAL_TRAIN if n in g) \
+            if group == "train" else _eval_names(g)
         for name in names:
             ds = g.get(name)
             if not isinstance(ds, h5py.Dataset) or ds.ndim < 1:
@@ -157,7 +163,7 @@ def truncate(out_dir: str, last_round: int) -> int:
         return 0
 
     def fill(f):
-        for name in TRAIN_COLUMNS:
+        for name in {**TRAIN_COLUMNS, **OPTIONAL_TRAIN}:
             stored = _train_name(f["train"], name)
             if stored in f["train"]:
                 f["train"][stored].resize(keep_t, axis=0)

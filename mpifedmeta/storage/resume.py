@@ -71,5 +71,9 @@ def resume_point(out_dir: str, rounds: int | None, resumable: dict) -> ResumePoi
     chunk = attrs.get("agent_chunk")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0):
         raise hdf5.OutputError(f"{path}: attribute 'agent_chunk' = {str(chunk)[:40]!r} is not an integer >= 0")
-    recorded = {"strategy": attrs.get("strategy"), "agent_chunk": None if chunk is None else int(chunk)}
+    z = attrs.get("privacy_noise_multiplier")
+    if z is not None and (isinstance(z, bool) or not isinstance(z, (int, float, np.floating)) or not z >= 0):
+        raise hdf5.OutputError(f"{path}: attribute 'privacy_noise_multiplier' = {str(z)[:40]!r} is not a number >= 0")
+    recorded = {"strategy": attrs.get("strategy"), "agent_chunk": None if chunk is None else int(chunk),
+                "noise_multiplier": None if z is None else float(z)}
     return ResumePoint(cfg.to_json(), round_, path, float(attrs.get("wall_time", 0.0)), recorded)
