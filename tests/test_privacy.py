@@ -227,3 +227,13 @@ def test_empty_poisson_rounds_apply_the_noise_alone(cfg_path, tmp_path):
     before, after = read_model(checkpoint_path(out, r - 1)), read_model(checkpoint_path(out, r))
     assert any(not np.array_equal(before[n], after[n]) for n in before)      # the noise moved the model
     assert np.isnan(m["train/train_loss"][empty[0]])
+
+
+def test_report_plots_accuracy_against_epsilon(cfg_path, tmp_path):
+    import os
+    out, dest = str(tmp_path / "dp"), str(tmp_path / "report")
+    assert_ok(run_cli(["run", cfg_path] + DP + sets(eval__every=1, output__dir=out)))
+    assert_ok(run_cli(["report", out, "--out", dest]))
+    assert os.path.getsize(os.path.join(dest, "privacy.png")) > 1000
+    eps = read_metrics(out)["train/epsilon"][-1]
+    assert f"(DP, ε={eps:.3g})" in open(os.path.join(dest, "summary.md")).read()

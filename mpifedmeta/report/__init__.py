@@ -23,6 +23,7 @@ __all__ = ["ReportError", "RunMetrics", "load_run", "make_report", "default_labe
 REPORT_FILES = ("accuracy.png", "loss.png", "distribution.png", "train_loss.png", "summary.md")
 STATIONARITY_FILE = "stationarity.png"   # written only when some run tracked ‖∇F(w)‖² (eval.stationarity)
 PERSONAL_FILE = "personal.png"           # written only when some run's algorithm has a personalized model
+PRIVACY_FILE = "privacy.png"             # written only when some run is differentially private (train/epsilon)
 
 
 class ReportError(ValueError):
@@ -43,11 +44,13 @@ def default_label(run: RunMetrics) -> str:
     server optimizer other than sgd); the directory name if absent."""
     train, algo, server = (run.config.get(k) for k in ("train", "algorithm", "server"))
     opt = f" + {server['optimizer']}" if isinstance(server, dict) and server.get("optimizer", "sgd") != "sgd" else ""
+    privacy = run.config.get("privacy")
+    if isinstance(privacy, dict) and privacy.get("clip") is not None:
+        eps = run.train.get("epsilon", np.zeros(0))
+        opt += f" (DP, ε={eps[-1]:.3g})" if eps.size else " (DP)"
     if isinstance(algo, dict) and algo.get("name", "meta") != "meta":
         return f"{fmt_value(algo['name'])}{opt}"
-    if opt:
-        return f"{default_label_meta(run)}{opt}"
-    return default_label_meta(run)
+    return f"{default_label_meta(run)}{opt}"
 
 
 def default_label_meta(run: RunMetrics) -> str:
@@ -91,6 +94,9 @@ def _draw(runs: list[RunMetrics], labels: list[str], ks: list[int], dest: str, s
     if any(r.has_personal for r in runs):
         plots.personal_plot(runs, labels, colors, os.path.join(dest, PERSONAL_FILE))
         images.append(PERSONAL_FILE)
+    if any(np.isfinite(r.train.get("epsilon", np.zeros(0))).any() for r in runs):
+        plots.privacy_plot(runs, labels, colors, ks, os.path.join(dest, PRIVACY_FILE))
+        images.append(PRIVACY_FILE)
     if any(np.isfinite(r.grad_norm_sq).any() for r in runs):
         plots.stationarity_plot(runs, labels, colors, os.path.join(dest, STATIONARITY_FILE))
         images.append(STATIONARITY_FILE)

@@ -197,6 +197,31 @@ def personal_plot(runs, labels, colors, path: str) -> None:
     _save(fig, path)
 
 
+def privacy_plot(runs, labels, colors, ks, path: str) -> None:
+    """Test accuracy of the training agents after k fine-tuning steps against the ε spent (DP runs)."""
+    fig, axes = _new_figure(len(ks))
+    for run, label, color in zip(runs, labels, colors):
+        eps = run.train.get("epsilon")
+        if eps is None or not eps.size:
+            continue
+        at = {int(r): float(e) for r, e in zip(run.train["round"], eps)}
+        rounds = [r for r in run.eval_round if int(r) in at]
+        x = [at[int(r)] for r in rounds]
+        rows = [int(np.flatnonzero(run.eval_round == r)[0]) for r in rounds]
+        for ax, k in zip(axes, ks):
+            j = run.k_index(k)
+            if j is not None and rows:
+                ax.plot(x, 100 * run.train_acc_mean[rows, j], color=color, label=label, marker="o", ms=3)
+    for ax, k in zip(axes, ks):
+        ax.set_title(f"k = {k}")
+        ax.set_xlabel("ε spent (δ fixed)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("personalized accuracy of the training agents against the privacy spent")
+    _save(fig, path)
+
+
 def stationarity_plot(runs, labels, colors, path: str) -> None:
     """‖∇F(w)‖² and F(w) (full local data, exact meta-gradient) over rounds, log scale."""
     fig, axes = _new_figure(2)
