@@ -231,3 +231,25 @@ def test_one_step_variant_keeps_everything_but_the_step_counts():
     one = algo.one_step()
     assert (one.tau, one.personal_steps, one.lam) == (1, 1, 0.5)
     assert algorithms.make({"name": "pfedme"}, vars(TRAIN)).one_step().inner_steps == 5
+
+
+def test_the_memory_budget_counts_per_agent_state_and_names_the_algorithm(monkeypatch):
+    import torch as t
+    from mpifedmeta.errors import ConfigError
+    from mpifedmeta.run import budget
+    from mpifedmeta.run.config import validate
+    cfg = validate({"algorithm": {"name": "ditto"}, "data": {"num_agents": 10000}, "train": {"agents_per_round": 10}})
+    algo = algorithms.make(cfg.algorithm.values, cfg.train.values)
+    d = 10**5
+    needs = budget.round_needs(cfg, 2, d, 64, 50000, 4, algo, d)
+    state = [n for n in needs if "per-agent state" in n[2]]
+    assert state and state[0][0] == 5000 * d * 4 and state[0][1][0] == "algorithm.name"
+    gathered = [n for n in needs if "gathered for a checkpoint" in n[2]]
+    assert gathered and gathered[0][0] >= 10000 * d * 4
+    assert not [n for n in budget.round_needs(cfg, 2, d, 64, 50000, 4, algo, 0) if "state" in n[2]]
+    monkeypatch.setattr(budget, "available_bytes", lambda device, ranks=1: 10**9)     # 1 GB: the state is 2 GB
+    with pytest.raises(ConfigError) as e:
+        budget.check_run(cfg, 2, (64,), d, 4, t.device("cpu"), algo=algo, state_numel=d)
+    assert str(e.value).startswith("data.num_agents = 10000: the per-agent state of algorithm 'ditto' (5000 agents x "
+                                   "100000 values) need at least 1.86 GB per rank")
+    budget.check_run(cfg, 2, (64,), d, 4, t.device("cpu"), algo=algo, state_numel=0)      # stateless: fits

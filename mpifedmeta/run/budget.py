@@ -93,9 +93,9 @@ def round_needs(cfg: Config, ranks: int, num_params: int, sample_numel: int, sam
     if state_numel:
         block = -(-agents // ranks)
         needs.append((block * state_numel * itemsize, ["algorithm.name", "data.num_agents", "model.hidden"],
-                      f"algorithm.name = {algo.name!r}: its per-agent state ({block} agents x {state_numel} values)"))
+                      f"the per-agent state of algorithm {algo.name!r} ({block} agents x {state_numel} values)"))
         needs.append((agents * (state_numel * itemsize + 1), ["algorithm.name", "data.num_agents", "model.hidden"],
-                      f"algorithm.name = {algo.name!r}: every agent's state gathered for a checkpoint on rank 0 "
+                      f"every agent's state of algorithm {algo.name!r} gathered for a checkpoint on rank 0 "
                       f"({agents} agents x {state_numel} values)"))
     return needs
 
