@@ -150,3 +150,13 @@ def test_report_shows_the_personalized_models_next_to_fine_tuning(cfg_path, tmp_
     assert f"{100 * acc:.1f}" in row
     meta_row = next(line for line in text.splitlines() if line.startswith("| nu=2 exact |"))
     assert meta_row.count("–") >= 2            # no personalized model: dashes in those columns
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedrep"])
+def test_stateful_algorithm_does_not_depend_on_the_agent_chunk(name, cfg_path, tmp_path):
+    outs = {}
+    for chunk, P in ((0, 1), (2, 3)):
+        outs[chunk] = str(tmp_path / f"chunk{chunk}")
+        assert_ok(run_cli(["run", cfg_path] + RUNS[name] + sets(output__dir=outs[chunk], train__agent_chunk=chunk),
+                          np_=P))
+    assert_same_run(outs[0], outs[2], f"{name}: agent chunk 0 on 1 rank vs 2 on 3 ranks")
