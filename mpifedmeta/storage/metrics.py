@@ -32,7 +32,8 @@ OLD_NAMES = {"train_loss": "meta_loss"}     # train columns as files before vers
 
 def _train_name(group, name: str) -> str:
     """The dataset of train column ``name`` in ``group`` (older files: its old name)."""
-    return OLD_NAMES[name] if name not in group and OLD_NAMES.get(name) in group else name
+    old = OLD_NAMES.get(name)
+    return old if old is not None and name not in group and old in group else name
 
 
 def _eval_names(group) -> tuple[str, ...]:
