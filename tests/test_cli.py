@@ -246,8 +246,9 @@ def test_config_subcommand_prints_a_valid_default_config(tmp_path):
     assert_ok(proc)
     for sec, keys in cfgmod.SCHEMA.items():
         assert f"[{sec}]" in proc.stdout
-        for k in keys:
-            assert re.search(rf"^{re.escape(k)} = ", proc.stdout, re.M), f"{sec}.{k}"
+        for k, key in keys.items():
+            unset = "# " if key.default is None else ""     # TOML has no null: unset keys are shown commented out
+            assert re.search(rf"^{unset}{re.escape(k)} = ", proc.stdout, re.M), f"{sec}.{k}"
     parsed = tomllib.loads(proc.stdout)        # the listing is itself a TOML config of the defaults
     assert cfgmod.validate(parsed).raw == cfgmod.load(None).raw
 

@@ -457,7 +457,10 @@ def describe() -> str:
     for sec, keys in SCHEMA.items():
         lines.append(f"[{sec}]")
         for k, key in keys.items():
-            lines.append(f"{k} = {json.dumps(key.default)}    # {key_doc(key)}")
+            if key.default is None:        # unset by default: TOML has no null, so shown commented out
+                lines.append(f"# {k} =    # (unset) {key_doc(key)}")
+            else:
+                lines.append(f"{k} = {json.dumps(key.default)}    # {key_doc(key)}")
         if sec == "algorithm":
             lines.append(importlib.import_module("mpifedmeta.algorithms").describe())
         lines.append("")
