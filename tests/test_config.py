@@ -64,8 +64,9 @@ def test_describe_lists_every_key():
     text = config.describe()
     for sec, keys in SCHEMA.items():
         assert f"[{sec}]" in text
-        for k in keys:
-            assert f"\n{k} = " in text, f"{sec}.{k}"
+        for k, key in keys.items():
+            unset = "# " if key.default is None else ""      # unset by default: listed commented out
+            assert f"\n{unset}{k} = " in text, f"{sec}.{k}"
 
 
 # --------------------------------------------------------------------------- bad values
@@ -329,12 +330,12 @@ def test_names_come_from_the_registries(monkeypatch):
     # a new registration is accepted without touching config.py, and `mpifedmeta config` lists it
     monkeypatch.setitem(models.MODELS, "tiny", models.MODELS["linear"])
     assert load(None, SMALL + ["model.name=tiny"]).model.name == "tiny"
-    assert "linear | mlp | cnn | tiny" in config.describe()
+    assert "linear | mlp | cnn | char-lstm | transformer | tiny" in config.describe()
 
 
 def test_key_flags():
     run_only = {"train": ("strategy", "chunk", "memory_budget", "recompute", "compile", "device", "threads", "agent_chunk"),
-                "eval": ("chunk",), "output": ("dir", "checkpoint_every", "keep", "progress_every")}
+                "eval": ("chunk",), "output": ("dir", "checkpoint_every", "keep", "progress_every", "tensorboard")}
     resumable = config.keys_where("resumable")
     not_experiment = config.keys_where("experiment", False)
     for sec in SCHEMA:

@@ -18,12 +18,18 @@ __all__ = ["DataError", "Dataset"]
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A labelled dataset held in memory.
+    """A labelled dataset.
 
-    x: float32 or float64 features, images as (n, 1, H, W), tabular as (n, D).
+    x: float32 or float64 features, images as (n, C, H, W), tabular as (n, D) (int64 character ids for text
+       from Hugging Face datasets). A numpy array, or a lazy row source (data/hf.py: ArrowRows) with
+       ``shape``, ``dtype`` and ``x[int array]`` → numpy array of those rows only, converted on demand: the
+       code that takes an agent's samples (federation/block.py, population.py) only ever indexes it.
     y: int64 labels in 0..num_classes-1, shape (n,).
-    agent: (n,) int64 natural agent id (npz only), else None.
-    test: (n,) bool, True = held-out sample of its agent (npz only), else None.
+    agent: (n,) int64 natural agent id (npz, your loader, a Hugging Face agent column), else None.
+    test: (n,) bool, True = held-out sample: of its agent when ``agent`` is given (npz), else the pooled test
+       set (a Hugging Face ``test`` split) that data/partition.py shares among the agents; else None.
+    temporal: an agent's rows are in time order (text windows): natural partitions then take each agent's
+       last samples as its test split (``data.test_split = "auto"``).
     """
 
     x: np.ndarray
@@ -32,6 +38,7 @@ class Dataset:
     name: str
     agent: np.ndarray | None = None
     test: np.ndarray | None = None
+    temporal: bool = False
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

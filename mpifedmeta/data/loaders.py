@@ -262,6 +262,8 @@ def load_dataset(name: str, path: str = "", dtype: str | np.dtype = np.float32) 
     ``dtype`` is the run's floating precision: features are returned in at most that precision
     (see the module docstring), so a float32 run never holds a float64 copy of the data.
     """
+    if name.startswith("hf:"):      # needs its [data] keys (columns, split): data/hf.py's load(data section, dtype)
+        raise DataError(f"dataset {name!r}: a Hugging Face dataset is loaded by mpifedmeta.data.hf.load(data section, dtype)")
     if ":" in name:
         from .user import load_user
         return load_user(name, os.fspath(path) if path else "", np.dtype(dtype))

@@ -63,10 +63,8 @@ def _describe_agents(agents: np.ndarray, limit: int = 5) -> str:
     return shown + more
 
 
-def _split(agent_of: np.ndarray, n_agents: int, test_fraction: float, rng: np.random.Generator) -> Partition:
-    """Per-agent random train/test split; ``agent_of[i] == -1`` means sample i is unused."""
-    sel = np.flatnonzero(agent_of >= 0).astype(np.int64)
-    owner = agent_of[sel]
+def _agent_counts(owner: np.ndarray, n_agents: int) -> np.ndarray:
+    """Samples per agent; DataError unless every agent has >= 1 train and >= 1 test sample's worth."""
     counts = np.bincount(owner, minlength=n_agents).astype(np.int64)
     small = np.flatnonzero(counts < _MIN_SAMPLES)
     if small.shape[0]:
@@ -74,14 +72,44 @@ def _split(agent_of: np.ndarray, n_agents: int, test_fraction: float, rng: np.ra
             f"agent(s) {_describe_agents(small)} got fewer than {_MIN_SAMPLES} samples "
             f"(need >= 1 train and >= 1 test sample each); use fewer agents"
         )
+    return counts
+
+
+def _test_counts(counts: np.ndarray, test_fraction: float) -> np.ndarray:
+    """round(test_fraction * n_a) test samples per agent, kept in [1, n_a - 1]."""
+    n_test = np.floor(test_fraction * counts + 0.5).astype(np.int64)
+    np.clip(n_test, 1, counts - 1, out=n_test)
+    return n_test
+
+
+def _split(agent_of: np.ndarray, n_agents: int, test_fraction: float, rng: np.random.Generator) -> Partition:
+    """Per-agent random train/test split; ``agent_of[i] == -1`` means sample i is unused."""
+    sel = np.flatnonzero(agent_of >= 0).astype(np.int64)
+    owner = agent_of[sel]
+    counts = _agent_counts(owner, n_agents)
     key = rng.random(sel.shape[0])
     order = np.lexsort((key, owner))
     s_idx, s_own = sel[order], owner[order]
     ptr = _ptr(counts)
-    n_test = np.floor(test_fraction * counts + 0.5).astype(np.int64)
-    np.clip(n_test, 1, counts - 1, out=n_test)
+    n_test = _test_counts(counts, test_fraction)
     pos = np.arange(s_idx.shape[0], dtype=np.int64) - ptr[s_own]
     is_test = pos < n_test[s_own]
+    test_ptr, test_idx = _group_sorted(s_idx[is_test], s_own[is_test], n_agents)
+    train_ptr, train_idx = _group_sorted(s_idx[~is_test], s_own[~is_test], n_agents)
+    return Partition(train_ptr=train_ptr, train_idx=train_idx, test_ptr=test_ptr, test_idx=test_idx)
+
+
+def _split_last(agent_of: np.ndarray, n_agents: int, test_fraction: float) -> Partition:
+    """Per-agent temporal split: an agent's last round(test_fraction * n_a) samples in row order are its
+    test split (rows in time order, e.g. Shakespeare's text windows: a random split would test on windows
+    that overlap the training ones)."""
+    sel = np.flatnonzero(agent_of >= 0).astype(np.int64)
+    owner = agent_of[sel]
+    counts = _agent_counts(owner, n_agents)
+    order = np.argsort(owner, kind="stable")           # each agent's rows in row order
+    s_idx, s_own = sel[order], owner[order]
+    pos = np.arange(s_idx.shape[0], dtype=np.int64) - _ptr(counts)[s_own]
+    is_test = pos >= (counts - _test_counts(counts, test_fraction))[s_own]
     test_ptr, test_idx = _group_sorted(s_idx[is_test], s_own[is_test], n_agents)
     train_ptr, train_idx = _group_sorted(s_idx[~is_test], s_own[~is_test], n_agents)
     return Partition(train_ptr=train_ptr, train_idx=train_idx, test_ptr=test_ptr, test_idx=test_idx)
@@ -188,15 +216,33 @@ def _rebalance_min(agent_of: np.ndarray, n_agents: int, min_count: int, rng: np.
     Requires len(agent_of) >= min_count * n_agents.
     """
     counts = np.bincount(agent_of, minlength=n_agents).astype(np.int64)
-    need = np.maximum(min_count - counts, 0)
+    moved = _move_to(agent_of, n_agents, np.maximum(min_count - counts, 0), min_count, rng)
+    assert moved, "len(agent_of) >= min_count * n_agents"
+
+
+def _move_to(agent_of: np.ndarray, n_agents: int, need: np.ndarray, floor: int, rng: np.random.Generator) -> bool:
+    """Give agent a ``need[a]`` more samples (in place), taken from the agents holding the most, by
+    water-filling down to a common level >= ``floor``; False (nothing moved) if they cannot spare that many."""
+    counts = np.bincount(agent_of, minlength=n_agents).astype(np.int64)
     total = int(need.sum())
     if total == 0:
-        return
+        return True
+    take = _takes(counts, total, floor, rng)
+    if take is None:
+        return False
+    _give(agent_of, n_agents, counts, take, need, rng)
+    return True
 
+
+def _takes(counts: np.ndarray, total: int, floor: int, rng: np.random.Generator) -> np.ndarray | None:
+    """How many samples to take from each agent, ``total`` in all, from the largest ``counts`` down to a
+    common level >= ``floor`` (water-filling); None if they cannot spare that many."""
     def excess(level: int) -> int:
         return int(np.maximum(counts - level, 0).sum())
 
-    lo, hi = min_count, int(counts.max())  # excess(lo) >= total; excess(hi) == 0 < total
+    if excess(floor) < total:
+        return None
+    lo, hi = floor, int(counts.max())  # excess(lo) >= total; excess(hi) == 0 < total
     while hi - lo > 1:  # largest level L with excess(L) >= total
         mid = (lo + hi) // 2
         if excess(mid) >= total:
@@ -208,6 +254,13 @@ def _rebalance_min(agent_of: np.ndarray, n_agents: int, min_count: int, rng: np.
     rem = total - int(take.sum())
     cand = np.flatnonzero(counts >= level + 1)
     take[cand[rng.permutation(cand.shape[0])[:rem]]] += 1
+    return take
+
+
+def _give(agent_of: np.ndarray, n_agents: int, counts: np.ndarray, take: np.ndarray, need: np.ndarray,
+          rng: np.random.Generator) -> None:
+    """Move ``take[a]`` random samples of each agent a (``counts``: its samples in ``agent_of``) to the
+    agents b in need, ``need[b]`` each (in place)."""
     # Remove each donor's last `take` samples in a random per-agent order.
     n = agent_of.shape[0]
     order = np.lexsort((rng.random(n), agent_of))
@@ -218,11 +271,103 @@ def _rebalance_min(agent_of: np.ndarray, n_agents: int, min_count: int, rng: np.
     agent_of[moved] = np.repeat(np.arange(n_agents, dtype=np.int64), need)
 
 
-def _natural(ds: Dataset, num_agents: int, test_fraction: float, rng: np.random.Generator) -> Partition:
+class _RowsOf:
+    """Rows ``rows`` of an array-like (numpy or a lazy row source), indexed like an array, copying nothing."""
+
+    def __init__(self, x, rows: np.ndarray):
+        self.x, self.rows = x, rows
+        self.shape, self.dtype = (rows.shape[0],) + tuple(x.shape[1:]), x.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        return self.x[self.rows[idx]]
+
+
+def _preferred_classes(owner: np.ndarray, labels: np.ndarray, agents: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Each of the sorted ``agents``' most frequent label among its samples, of the ``allowed`` labels
+    (ties, and an agent with none of them: the smallest allowed label)."""
+    sel = np.isin(owner, agents) & np.isin(labels, allowed)
+    table = np.zeros((agents.shape[0], allowed.shape[0]), dtype=np.int64)
+    np.add.at(table, (np.searchsorted(agents, owner[sel]), np.searchsorted(allowed, labels[sel])), 1)
+    return allowed[np.argmax(table, axis=1)]
+
+
+def _share_test(owner: np.ndarray, train_y: np.ndarray, test_y: np.ndarray, n_agents: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """The agent of every pooled test sample (-1: unused), following each agent's training label counts.
+
+    Per class c, its test samples (in random order) are cut among the agents (in random order) in
+    proportion to their training samples of class c, so that an agent's test split has its training label
+    distribution; test samples of a class no agent trains on are unused. An agent left with no test sample
+    then gets one of its most frequent training class (of those with test samples), taken from the agents
+    holding the most test samples of that class (water-filling; a donor keeps >= 1 test sample)."""
+    agent_of = np.full(test_y.shape[0], -1, dtype=np.int64)
+    for c in np.unique(test_y):
+        at = np.flatnonzero(test_y == c)
+        at = at[rng.permutation(at.shape[0])]
+        weight = np.bincount(owner[train_y == c], minlength=n_agents).astype(np.int64)
+        total = int(weight.sum())
+        if total:
+            order = rng.permutation(n_agents)
+            cuts = np.cumsum(weight[order]) * at.shape[0] // total
+            agent_of[at] = np.repeat(order, np.diff(cuts, prepend=0))
+    held = np.bincount(agent_of[agent_of >= 0], minlength=n_agents)
+    needy = np.flatnonzero(held == 0)
+    if needy.shape[0] == 0:
+        return agent_of
+    prefer = _preferred_classes(owner, train_y, needy, np.unique(test_y))
+    for c in np.unique(prefer):
+        takers = needy[prefer == c]
+        at = np.flatnonzero((test_y == c) & (agent_of >= 0))
+        counts = np.bincount(agent_of[at], minlength=n_agents).astype(np.int64)
+        spare = np.minimum(counts, held - 1)        # a donor keeps one test sample
+        np.maximum(spare, 0, out=spare)
+        take = _takes(spare, takers.shape[0], 0, rng)
+        if take is None:
+            raise DataError(
+                f"pooled test split: agent(s) {_describe_agents(takers)} get no test sample and the test split's "
+                f"{at.shape[0]} samples of their class {int(c)} cannot spare one each; use fewer agents")
+        need = np.zeros(n_agents, dtype=np.int64)
+        need[takers] = 1
+        sub = agent_of[at]
+        _give(sub, n_agents, counts, take, need, rng)
+        agent_of[at] = sub
+        held = np.bincount(agent_of[agent_of >= 0], minlength=n_agents)
+    return agent_of
+
+
+def _pooled(ds: Dataset, scheme: str, n_agents: int, o: "PartitionOptions", rng: np.random.Generator) -> Partition:
+    """A scheme over the training rows (``~ds.test``), every sample of an agent training; the pooled test
+    rows (``ds.test``) shared among the agents by _share_test."""
+    y, test = _labels(ds), np.asarray(ds.test, dtype=bool).reshape(-1)
+    rows, pool = np.flatnonzero(~test).astype(np.int64), np.flatnonzero(test).astype(np.int64)
+    train_ds = Dataset(x=_RowsOf(ds.x, rows), y=y[rows], num_classes=ds.num_classes, name=ds.name)
+    part = SCHEMES[scheme](train_ds, n_agents, o, rng)
+    ids = np.arange(n_agents, dtype=np.int64)
+    owner = np.concatenate([np.repeat(ids, part.train_counts()), np.repeat(ids, part.test_counts())])
+    mine = rows[np.concatenate([part.train_idx, part.test_idx])]
+    train_ptr, train_idx = _group_sorted(mine, owner, n_agents)
+    test_of = _share_test(owner, y[mine], y[pool], n_agents, rng)
+    used = test_of >= 0
+    test_ptr, test_idx = _group_sorted(pool[used], test_of[used], n_agents)
+    return Partition(train_ptr=train_ptr, train_idx=train_idx, test_ptr=test_ptr, test_idx=test_idx)
+
+
+def _natural(ds: Dataset, num_agents: int, test_fraction: float, rng: np.random.Generator,
+             test_rule: str = "random", min_samples: int = 0) -> Partition:
     if ds.agent is None:
-        raise DataError(f"natural: dataset {ds.name!r} has no 'agent' array (only npz files with key 'agent' have one)")
+        raise DataError(f"natural: dataset {ds.name!r} has no 'agent' array (npz files with key 'agent', your "
+                        "loader's 'agent', or a Hugging Face dataset's data.agent_column)")
     ids, owner = np.unique(np.asarray(ds.agent), return_inverse=True)
     owner = owner.astype(np.int64).reshape(-1)
+    if min_samples > 0:         # agents with fewer samples are left out (their samples unused), the others renumbered
+        keep = np.bincount(owner, minlength=ids.shape[0]) >= min_samples
+        if not keep.any():
+            raise DataError(f"natural: no agent of dataset {ds.name!r} has min_samples = {min_samples} samples")
+        owner = np.where(keep[owner], np.cumsum(keep)[owner] - 1, -1)
+        ids = ids[keep]
     n_agents = int(ids.shape[0])
     if num_agents not in (0, n_agents):
         raise DataError(
@@ -230,13 +375,16 @@ def _natural(ds: Dataset, num_agents: int, test_fraction: float, rng: np.random.
             f"(set num_agents to {n_agents} or 0)"
         )
     if ds.test is None:
+        if test_rule == "last":
+            return _split_last(owner, n_agents, test_fraction)
         return _split(owner, n_agents, test_fraction, rng)
     test = np.asarray(ds.test, dtype=bool).reshape(-1)
     if test.shape[0] != owner.shape[0]:
         raise DataError(f"natural: dataset 'test' has {test.shape[0]} entries but 'agent' has {owner.shape[0]}")
     idx = np.arange(owner.shape[0], dtype=np.int64)
-    test_ptr, test_idx = _group_sorted(idx[test], owner[test], n_agents)
-    train_ptr, train_idx = _group_sorted(idx[~test], owner[~test], n_agents)
+    used = owner >= 0
+    test_ptr, test_idx = _group_sorted(idx[test & used], owner[test & used], n_agents)
+    train_ptr, train_idx = _group_sorted(idx[~test & used], owner[~test & used], n_agents)
     for what, ptr in (("training", train_ptr), ("test", test_ptr)):
         empty = np.flatnonzero(np.diff(ptr) == 0)
         if empty.shape[0]:
@@ -254,6 +402,8 @@ class PartitionOptions:
     classes_per_agent: int
     dirichlet_alpha: float
     test_fraction: float
+    test_rule: str = "random"     # natural: "random" or "last" (an agent's last samples are its test split)
+    min_samples: int = 0          # natural: agents with fewer samples are left out (0: keep all)
 
 
 def _labels(ds: Dataset) -> np.ndarray:
@@ -276,7 +426,7 @@ def _scheme_dirichlet(ds: Dataset, n_agents: int, o: PartitionOptions, rng: np.r
 
 
 def _scheme_natural(ds: Dataset, n_agents: int, o: PartitionOptions, rng: np.random.Generator) -> Partition:
-    return _natural(ds, n_agents, o.test_fraction, rng)
+    return _natural(ds, n_agents, o.test_fraction, rng, o.test_rule, o.min_samples)
 
 
 Partitioner = Callable[[Dataset, int, PartitionOptions, np.random.Generator], Partition]
@@ -308,6 +458,8 @@ def make_partition(
     dirichlet_alpha: float = 0.5,
     test_fraction: float = 0.2,
     seed: int = 0,
+    test_rule: str = "auto",
+    min_samples: int = 0,
 ) -> Partition:
     """Partition ``ds`` over ``num_agents`` agents with ``scheme`` (a key of SCHEMES).
 
@@ -317,7 +469,11 @@ def make_partition(
     from the largest agents so every agent has >= 2 samples.  natural: the dataset's ``agent`` ids
     (``num_agents`` 0 = take the count from the data); its ``test`` array, if any, fixes the split.
     Otherwise every agent's samples are split with round(test_fraction * n_a) (>= 1) test samples
-    and >= 1 training sample.  Deterministic given ``seed``.
+    and >= 1 training sample: at random, or (natural, ``test_rule`` "last", or "auto" on a temporal
+    dataset) the agent's last samples in row order; ``min_samples`` > 0 leaves the natural agents with
+    fewer samples out.  A dataset with a ``test`` array and no ``agent``
+    (a Hugging Face ``test`` split) is a pooled test set: the scheme partitions the other rows, all of an
+    agent's samples train, and the test rows are shared by _share_test.  Deterministic given ``seed``.
     """
     if scheme not in SCHEMES:
         raise DataError(f"unknown partition scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
@@ -336,12 +492,20 @@ def make_partition(
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not (dirichlet_alpha > 0.0 and math.isfinite(dirichlet_alpha)):
         raise DataError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
-    n = int(_labels(ds).shape[0])
+    if test_rule not in ("auto", "random", "last"):
+        raise DataError(f"test_rule must be auto, random or last, got {test_rule!r}")
+    if test_rule == "auto":
+        test_rule = "last" if ds.temporal else "random"
+    pooled = ds.test is not None and ds.agent is None and scheme != "natural"
+    n = int(_labels(ds).shape[0]) - (int(np.count_nonzero(ds.test)) if pooled else 0)
     min_agents = 0 if scheme == "natural" else 1
     if num_agents < min_agents:
         zero = " (or 0 for natural = take it from the data)" if scheme == "natural" else ""
         raise DataError(f"num_agents must be >= 1{zero}, got {num_agents}")
     if num_agents > n:
         raise DataError(f"num_agents={num_agents} exceeds the number of samples ({n}) in dataset {ds.name!r}")
-    opts = PartitionOptions(classes_per_agent, dirichlet_alpha, test_fraction)
+    opts = PartitionOptions(classes_per_agent, dirichlet_alpha, test_fraction, test_rule,
+                            _as_int(min_samples, "min_samples"))
+    if pooled:
+        return _pooled(ds, scheme, num_agents, opts, np.random.default_rng(seed))
     return SCHEMES[scheme](ds, num_agents, opts, np.random.default_rng(seed))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mpifedmeta.federation.block import AgentBlock, aligned_width, assemble, build_block
-from mpifedmeta.data import DataError, load_dataset, make_partition
+from mpifedmeta.data import DataError, hf, load_dataset, make_partition
 from mpifedmeta.data import synthetic as synth
 from mpifedmeta.data import virtual as virt
 
@@ -27,7 +27,10 @@ VIRTUAL_PREFIX = "virtual-"
 
 
 class StoredPopulation:
-    """Today's disjoint partition: every agent's sample indices stored, O(N + samples)."""
+    """Today's disjoint partition: every agent's sample indices stored, O(N + samples).
+
+    ``ds.x`` may be a lazy row source (data/hf.py: ArrowRows): ``resident_block`` then converts only the
+    rows of the rank's agents."""
     resident = True
 
     def __init__(self, ds, partition, scheme: str):
@@ -148,11 +151,15 @@ def make_population(data, seed: int, dtype: str = "float32"):
     """The population of the ``[data]`` config section (``data``: a config Section); DataError if impossible."""
     if data.dataset in GENERATED:
         return GENERATED[data.dataset](data, seed, dtype)
-    ds = load_dataset(data.dataset, data.path, dtype)
+    if hf.is_hf(data.dataset):      # its columns and splits are [data] keys; a test split for stored partitions only
+        ds = hf.load(data, dtype, pooled_test=data.partition not in VIRTUAL)
+    else:
+        ds = load_dataset(data.dataset, data.path, dtype)
     if data.partition in VIRTUAL:
         return VIRTUAL[data.partition](ds, data, seed)
     part = make_partition(ds, data.partition, data.num_agents, classes_per_agent=data.classes_per_agent,
-                          dirichlet_alpha=data.dirichlet_alpha, test_fraction=data.test_fraction, seed=seed)
+                          dirichlet_alpha=data.dirichlet_alpha, test_fraction=data.test_fraction, seed=seed,
+                          test_rule=getattr(data, "test_split", "auto"), min_samples=getattr(data, "min_samples", 0))
     return StoredPopulation(ds, part, data.partition)
 
 

@@ -112,13 +112,25 @@ def _agents(v):
     return None if v > 0 else 'must be "all" or a positive integer'
 
 
+class _DatasetName(Registered):
+    """data.dataset: a registered name, FILE.py:FUNCTION, or hf:NAME_OR_PATH (Hugging Face datasets, data/hf.py)."""
+
+    def __call__(self, value) -> str | None:
+        if value.startswith("hf:"):
+            return None if value[3:].strip() else "hf: needs a Hub dataset name or a local directory (hf:NAME_OR_PATH)"
+        return super().__call__(value)
+
+
+# LEAF's Shakespeare vocabulary (LEAF models/utils/language_utils.py, ALL_LETTERS), the default of data.vocab
+LEAF_VOCAB = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
+
 # How a run is executed, not what it computes: may change on resume, not part of the experiment.
 _RUN_ONLY = {"resumable": True, "experiment": False}
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "dataset": Key("digits", (str,), Registered("mpifedmeta.data", "LOADERS", also=(("mpifedmeta.federation.population", "GENERATED"),), files=True),
-                       "{choices} (synthetic: FedProx Synthetic(alpha, beta), generated per agent), or your loader: FILE.py:FUNCTION | package.module:FUNCTION"),
+        "dataset": Key("digits", (str,), _DatasetName("mpifedmeta.data", "LOADERS", also=(("mpifedmeta.federation.population", "GENERATED"),), files=True),
+                       "{choices} (synthetic: FedProx Synthetic(alpha, beta), generated per agent), your loader: FILE.py:FUNCTION | package.module:FUNCTION, or hf:NAME_OR_PATH (Hugging Face datasets: a Hub name, a save_to_disk directory, a directory of parquet/CSV files; pip install -e '.[hf]')"),
         "path": Key("", (str,), None, "file or directory of the data (npz file, fashion-mnist idx directory)"),
         "num_agents": Key(50, (int,), _non_negative, "agents in total, holdout agents included (0 = from the file, natural only)"),
         "holdout_agents": Key(0, (int,), _non_negative, "the last agents by id, never trained on: test adaptation of new agents"),
@@ -132,10 +144,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "synthetic_beta": Key(1.0, (float, int), _non_negative, "synthetic: beta, spread of the agents' feature means B_k ~ N(0, beta^2)"),
         "synthetic_iid": Key(False, (bool,), None, "synthetic: the iid variant (one shared W, b; v_k = B_k)"),
         "synthetic_max_samples": Key(1000, (int,), _positive, "synthetic: cap on an agent's samples min(int(lognormal(4, 2)) + 50, cap)"),
+        "features": Key("image", (str,), lambda v: None if v else "must not be empty", "hf: the input column (Image feature or arrays: (C, H, W) floats in [0, 1]; text: character ids through data.vocab; numbers)"),
+        "label": Key("label", (str,), lambda v: None if v else "must not be empty", "hf: the label column (integers, ClassLabel, or single characters: ids through data.vocab, len(vocab) + 1 classes)"),
+        "agent_column": Key("", (str,), None, "hf: the column naming each sample's agent; partition = natural: one agent per distinct value, in sorted order"),
+        "hf_split": Key("train", (str,), lambda v: None if v else "must not be empty", "hf: the split holding the agents' samples (a 'test' split besides it is the pooled test set, or natural: the agents' test samples)"),
+        "hf_revision": Key("", (str,), None, "hf: the Hub revision (branch, tag or commit; empty = the default branch)"),
+        "vocab": Key(LEAF_VOCAB, (str,), lambda v: None if v and len(set(v)) == len(v) else "must be a non-empty string of distinct characters", "hf: characters of text columns, id = position; any other character: id len(vocab) (default: LEAF's 80-character Shakespeare vocabulary)"),
+        "test_split": Key("auto", (str,), _one_of(("auto", "random", "last")), "natural partitions: an agent's test samples: random | last (its last samples in row order: temporal data) | auto (last for hf text inputs, else random)"),
+        "min_samples": Key(0, (int,), _non_negative, "natural partitions: agents with fewer samples are left out (0 = keep every agent; each needs >= 2)"),
     },
     "model": {
         "name": Key("mlp", (str,), Registered("mpifedmeta.models", "MODELS", files=True), "{choices}, or your builder: FILE.py:FUNCTION | package.module:FUNCTION"),
-        "hidden": Key([80, 60], (list,), _hidden, "hidden widths (mlp), fully connected widths (cnn)"),
+        "hidden": Key([80, 60], (list,), _hidden, "hidden widths (mlp), fully connected widths (cnn; FedAvg's: [512]), LSTM widths (char-lstm; LEAF's: [256, 256])"),
+        "embedding": Key(8, (int,), _positive, "char-lstm: width of the character embedding"),
+        "vocab": Key(0, (int,), _non_negative, "char-lstm, transformer: number of token ids (0 = the number of classes: next-token prediction)"),
+        "width": Key(64, (int,), _positive, "transformer: model width (embedding, attention; the MLP is 4x)"),
+        "depth": Key(2, (int,), _positive, "transformer: number of pre-norm blocks (attention + MLP)"),
+        "heads": Key(4, (int,), _positive, "transformer: attention heads (must divide model.width)"),
+        "causal": Key(True, (bool,), None, "transformer: causal attention, classify from the last position (next token); false: bidirectional, mean over positions"),
     },
     "train": {
         "rounds": Key(100, (int,), _non_negative, "communication rounds in total", resumable=True),
@@ -193,6 +219,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "checkpoint_every": Key(10, (int,), _positive, "checkpoint every this many rounds (and round 0 and the end)", **_RUN_ONLY),
         "keep": Key(3, (int,), _positive, "checkpoints kept besides round 0", **_RUN_ONLY),
         "progress_every": Key(0, (int,), _non_negative, "print a progress line every this many rounds in batch jobs (0 = about 20 lines a run)", **_RUN_ONLY),
+        "tensorboard": Key(False, (bool,), lambda v: importlib.import_module("mpifedmeta.storage.tensorboard").missing() if v else None, "also write TensorBoard event files under OUT/tensorboard/ (rank 0, as metrics.h5 is written; needs the [tb] extra: pip install -e '.[tb]')", **_RUN_ONLY),
     },
 }
 
@@ -264,6 +291,7 @@ def validate(raw: dict) -> Config:
            for sec, keys in SCHEMA.items()}
     _check_data(out)
     _check_train(out["train"])
+    _check_model(out["model"])
     algorithms = importlib.import_module("mpifedmeta.algorithms")
     out["algorithm"] = algorithms.check_section(given_algorithm, out["train"])
     _check_algorithm(out)
@@ -334,6 +362,19 @@ def _check_data(out: dict) -> None:
     d, t = out["data"], out["train"]
     if d["partition"] == "natural" and d["dataset"] != "npz" and ":" not in d["dataset"]:
         raise ConfigError("data.partition = 'natural' needs data.dataset = 'npz' (or your loader) with an 'agent' array")
+    if d["dataset"].startswith("hf:"):
+        if d["partition"] == "natural" and not d["agent_column"]:
+            raise ConfigError(f"data.partition = 'natural' with data.dataset = {d['dataset']!r} needs data.agent_column "
+                              "(the column naming each sample's agent)")
+        if len({d["features"], d["label"], d["agent_column"]} - {""}) < 2 + bool(d["agent_column"]):
+            raise ConfigError(f"data.features = {d['features']!r}, data.label = {d['label']!r} and data.agent_column = "
+                              f"{d['agent_column']!r} must name different columns")
+        if importlib.import_module("importlib.util").find_spec("datasets") is None:
+            raise ConfigError(f"data.dataset = {d['dataset']!r} needs the Hugging Face datasets package: "
+                              "install the [hf] extra, pip install -e '.[hf]'")
+    for key, default in (("test_split", "random"), ("min_samples", 0)):
+        if d["partition"] != "natural" and d[key] not in (default, "auto"):
+            raise ConfigError(f"data.{key} = {d[key]!r} applies to data.partition = 'natural' only (got {d['partition']!r})")
     if d["dataset"] == "npz" and not d["path"]:
         raise ConfigError("data.dataset = 'npz' needs data.path (the .npz file)")
     if d["dataset"] == "npz" and not os.path.exists(d["path"]):
@@ -366,6 +407,12 @@ def _check_data(out: dict) -> None:
             if e[key] == "all" and n > MAX_EVALUATED:
                 raise ConfigError(f"eval.{key} = 'all' would evaluate {n} generated agents at every evaluation "
                                   f"(more than {MAX_EVALUATED}); set eval.{key} to a sample size, e.g. 1000")
+
+
+def _check_model(m: dict) -> None:
+    """Cross-key rules of the model's sizes."""
+    if m["name"] == "transformer" and m["width"] % m["heads"]:
+        raise ConfigError(f"model.heads = {m['heads']} must divide model.width = {m['width']}")
 
 
 def _check_train(t: dict) -> None:

@@ -18,7 +18,7 @@ from mpifedmeta.run import signals
 from mpifedmeta.run.console import Progress, final_table, say
 from mpifedmeta.run.protocol import agreed
 from mpifedmeta.run.session import Setup
-from mpifedmeta.storage import checkpoint, metrics
+from mpifedmeta.storage import checkpoint, metrics, tensorboard
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_DIVERGED, EXIT_DISK_FULL = 0, 1, 2, 3, 4, 5
 
@@ -62,7 +62,7 @@ class _Writer:
     of the loop goes through :func:`agreed`, so a full disk ends every rank with exit 5.
     """
 
-    def __init__(self, s: "Setup", out_dir: str, round_: int, params: dict, wall: float):
+    def __init__(self, s: "Setup", out_dir: str, round_: int, params: dict, wall: float, first_eval: dict | None = None):
         self.s, self.out_dir = s, out_dir
         self.train: list[dict] = []
         self.eval: list[dict] = []
@@ -70,6 +70,8 @@ class _Writer:
         self.on_disk = round_                   # the newest round whose checkpoint is written
         self.busy = False
         self.completed(round_, params, wall)    # self.done: the last completed round, its checkpoint groups
+        # TensorBoard events (output.tensorboard): written with the metrics rows, never raise
+        self.events = tensorboard.Events.start(s.cfg, out_dir, round_, s.world.is_root, first_eval)
 
     def completed(self, round_: int, params: dict, wall: float, agent_state=None) -> None:
         """The round's results; ``agent_state``: every agent's state, gathered (checkpoint rounds)."""
@@ -83,6 +85,7 @@ class _Writer:
         self.busy = True
         try:
             metrics.append(self.out_dir, self.train, self.eval)
+            self.events.write(self.train, self.eval)
             self.train, self.eval = [], []
             r, params, wall, groups = self.done
             if with_checkpoint and self.on_disk != r and groups is not None:
@@ -115,11 +118,11 @@ def _due(round_: int, every: int, last: int) -> bool:
     return round_ % every == 0 or round_ == last
 
 
-def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: float) -> int:
+def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: float, first_eval: dict | None = None) -> int:
     """Rounds start_round+1 .. cfg.train.rounds from the global model ``w``; returns the exit code
-    (0 done, 3 stopped by a signal, 4 diverged)."""
+    (0 done, 3 stopped by a signal, 4 diverged). ``first_eval``: a new run's round-0 evaluation row."""
     cfg, R = s.cfg, s.cfg.train.rounds
-    writer = _Writer(s, out_dir, start_round, w, wall0)
+    writer = _Writer(s, out_dir, start_round, w, wall0, first_eval)
     progress = Progress(s.world, start_round, R, cfg.output.progress_every)
     last_eval, wall, code = None, wall0, EXIT_OK
     privacy = s.round.spec.privacy
@@ -165,6 +168,7 @@ def train(s: Setup, out_dir: str, w: torch.Tensor, start_round: int, wall0: floa
         signals.on_stop(None)
         progress.close()
     writer.flush()
+    writer.events.close()
     if code == EXIT_OK:
         _finish(s, out_dir, last_eval, wall)
     return code

@@ -66,7 +66,7 @@ def _start_new(cfg: Config, world: dist.World) -> int:
                f"{world.size} rank(s), {cfg.model.name} with {params.numel()} parameters, "
                f"{_algorithm_text(cfg, s)}, device {s.device}, agent chunk {s.agent_chunk_line}, "
                f"strategy {s.strategy_line}")
-    return train(s, out_dir, params, 0, 0.0)
+    return train(s, out_dir, params, 0, 0.0, first_eval=row)
 
 
 def _algorithm_text(cfg: Config, s: Setup) -> str:
