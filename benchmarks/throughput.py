@@ -17,7 +17,15 @@ end-to-end row = agents × τ / seconds of one whole local round (``local_update
 Targets (printed and in the JSON): end to end (MLP 784-80-60-10, ν = 3 exact, 32 agents, τ = 5)
 the default strategy >= 2.5× the baseline; every CNN row under ``auto`` >= 1.0× the baseline.
 
-    python benchmarks/throughput.py                 # representative default grid (a few minutes on 2 cores)
+Besides the MNIST-shaped models (linear, mlp, cnn: random 1×28×28 images), the benchmarks' models of
+other tasks (:data:`SHAPED`): ``cnn-cifar`` (FedAvg's CNN on 3×32×32, fc 512), ``char-lstm`` (LEAF's
+Shakespeare model: 80 characters, embedding 8, LSTM 256-256, 80 classes) and ``transformer`` (80
+characters, width 64, 2 pre-norm blocks, 4 heads, causal), their token ids carried in the run's
+float dtype as a run does.
+
+    python benchmarks/throughput.py                 # representative default grid (~15 min on 2 cores, ~12 of them
+                                                    # the cnn-cifar / char-lstm / transformer rows)
+    python benchmarks/throughput.py --models char-lstm transformer cnn-cifar --nus 1 --methods exact --blocks 8 --no-e2e
     python benchmarks/throughput.py --full          # every model × ν × method × block size
     python benchmarks/throughput.py --quick         # a tiny smoke run (seconds)
     python benchmarks/throughput.py --models mlp --nus 1 3 --methods exact --blocks 32 128
@@ -34,15 +42,61 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
+
 import common  # noqa: E402
 from baseline import LoopBaseline  # noqa: E402
-from mpifedmeta.core import metagrad  # noqa: E402
+from mpifedmeta.core import metagrad, reference  # noqa: E402
+from mpifedmeta.models import build_model, param_dict  # noqa: E402
 
 ALPHA, BETA, DELTA = 0.01, 0.001, 1e-3
 E2E = {"model": "mlp", "nu": 3, "method": "exact", "B": 32, "tau": 5}
 E2E_TARGET = 2.5           # end to end, the engine's default strategy over the baseline
 CNN_TARGET = 1.0           # every CNN row under auto over the baseline
 VARIANTS = ("stacked", "vmap", "chunked", "loop", "compiled")
+
+#: The benchmarks' models of other inputs: name → (model.name, input shape, classes, model.hidden, [model]
+#: keys, token vocabulary or None for images).
+SHAPED = {
+    "cnn-cifar": ("cnn", (3, 32, 32), 10, (512,), {}, None),
+    "char-lstm": ("char-lstm", (80,), 80, (256, 256), {"embedding": 8}, 80),
+    "transformer": ("transformer", (80,), 80, None, {"width": 64, "depth": 2, "heads": 4, "causal": True}, 80),
+}
+MODELS = ("linear", "mlp", "cnn") + tuple(SHAPED)
+
+
+class ShapedProblem(common.Problem):
+    """:class:`common.Problem` (same attributes) for a model of :data:`SHAPED`: random images of its
+    shape, or random token ids (float, as a run carries them; the model's embedding takes them)."""
+
+    def __init__(self, model_name: str, B: int, nu: int, method: str, batch: int = 32, device="cpu",
+                 dtype=torch.float32, samples_per_agent: int = 128, local_steps: int | None = None,
+                 seed: int = 0, hidden=None):
+        name, shape, classes, default_hidden, options, vocab = SHAPED[model_name]
+        g = torch.Generator().manual_seed(seed)
+        self.model_name, self.B, self.nu, self.method, self.batch = model_name, B, nu, method, batch
+        self.device, self.dtype = torch.device(device), dtype
+        torch.manual_seed(seed)
+        self.model = build_model(name, shape, classes, hidden or default_hidden, options).to(dtype)
+        self.model.requires_grad_(False)
+        self.loss = reference.make_loss(self.model)
+        S = samples_per_agent
+        X = torch.randint(0, vocab, (B * S,) + shape, generator=g) if vocab else torch.rand((B * S,) + shape, generator=g)
+        self.X = X.to(device=device, dtype=dtype)
+        self.Y = torch.randint(0, classes, (B * S,), generator=g).to(device)
+        slots = metagrad.num_slots(nu, method)
+        idx_shape = (B, slots, batch) if local_steps is None else (B, local_steps, slots, batch)
+        offsets = (torch.arange(B) * S).view((B,) + (1,) * (len(idx_shape) - 1))
+        self.idx = (offsets + torch.randint(0, S, idx_shape, generator=g)).to(device)
+        self.mask = torch.ones(idx_shape, dtype=dtype, device=device)
+        w = {k: v.to(device) for k, v in param_dict(self.model).items()}
+        self.params = {k: v.unsqueeze(0).expand((B,) + v.shape).clone() for k, v in w.items()}
+        self.num_params = sum(v.numel() for v in w.values())
+
+
+def problem(model_name: str, *args, **kw) -> common.Problem:
+    """The benchmark problem of ``model_name`` (MNIST-shaped, or one of :data:`SHAPED`)."""
+    return (ShapedProblem if model_name in SHAPED else common.Problem)(model_name, *args, **kw)
 
 
 def default_grid() -> list[tuple]:
@@ -53,6 +107,7 @@ def default_grid() -> list[tuple]:
     g += [("mlp", 3, "exact", B) for B in (8, 128)]
     g += [("linear", nu, "exact", 32) for nu in (1, 3)]
     g += [("cnn", 1, m, 8) for m in ("exact", "fo")]
+    g += [(m, 1, "exact", 8) for m in SHAPED]         # CIFAR CNN, char-LSTM, transformer
     return g
 
 
@@ -67,7 +122,7 @@ def agreement_check(models, methods, strategies, device) -> list[dict]:
     rows = []
     for model in models:
         for method in methods:
-            p = common.Problem(model, 4, 2, method, device=device, seed=1)
+            p = problem(model, 4, 2, method, device=device, seed=1)
             base, v2 = LoopBaseline(p.model).block_meta_gradients(p.params, p.X, p.Y, p.idx, 2, ALPHA, method, DELTA)
             for strategy in strategies:
                 ours, v1 = common.engine_block(p, strategy, 2, ALPHA, DELTA)()
@@ -82,7 +137,7 @@ def engine_call(p: common.Problem, strategy: str, chunk: int):
     """One block call of the engine with ``strategy``; 'compiled' = the default backend with
     whole-round capture (train.compile = "compile"), one local step."""
     if strategy == "compiled":
-        one = common.Problem(p.model_name, p.B, p.nu, p.method, batch=p.batch, device=p.device, local_steps=1)
+        one = problem(p.model_name, p.B, p.nu, p.method, batch=p.batch, device=p.device, local_steps=1)
         return common.engine_local_update(one, common.default_strategy(), chunk, ALPHA, BETA, DELTA, compiled=True)
     return common.engine_block(p, strategy, chunk, ALPHA, DELTA)
 
@@ -110,7 +165,7 @@ def timed(row: dict, fns: dict, device, repeats: int, budget: float, steps: int)
 
 
 def measure_config(model, nu, method, B, args, device) -> dict:
-    p = common.Problem(model, B, nu, method, batch=args.batch, device=device)
+    p = problem(model, B, nu, method, batch=args.batch, device=device)
     base = LoopBaseline(p.model)
     fns = {"baseline": lambda: base.block_meta_gradients(p.params, p.X, p.Y, p.idx, nu, ALPHA, method, DELTA)}
     row = {"model": model, "nu": nu, "method": method, "B": B, "batch": args.batch, "num_params": p.num_params}
@@ -172,7 +227,7 @@ def assess(rows: list[dict], e2e: dict | None) -> dict:
 def print_agreement(check: list[dict]) -> None:
     print("\nagreement baseline vs engine (float32, ν=2, 4 agents; tolerance 1e-4 relative):")
     for r in check:
-        print(f"  {r['model']:>6} {r['method']:>5} {r['strategy']:>8}: meta-gradient rel. err {r['rel_err_grad']:.2e}, "
+        print(f"  {r['model']:>11} {r['method']:>5} {r['strategy']:>8}: meta-gradient rel. err {r['rel_err_grad']:.2e}, "
               f"meta-loss rel. err {r['rel_err_loss']:.2e}  {'OK' if r['ok'] else 'MISMATCH'}")
     if not all(r["ok"] for r in check):
         print("warning: the baseline disagrees with the engine beyond 1e-4; timings compare different computations")
@@ -203,8 +258,9 @@ def parse(argv):
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: mlp ν=1, block 4, the default backend "
                     "and vmap (+auto) vs baseline, 2 repeats; end-to-end with 4 agents, τ=2")
     ap.add_argument("--full", action="store_true", help="the full grid: --models × --nus × --methods × --blocks")
-    ap.add_argument("--models", nargs="+", default=None, choices=("linear", "mlp", "cnn"),
-                    help="models of a custom/full grid (default of --full: all three)")
+    ap.add_argument("--models", nargs="+", default=None, choices=MODELS,
+                    help="models of a custom/full grid (default of --full: linear mlp cnn; also: "
+                         f"{' '.join(SHAPED)})")
     ap.add_argument("--nus", nargs="+", type=int, default=None, help="ν values (default of --full: 0 1 3 5 10)")
     ap.add_argument("--methods", nargs="+", default=None, choices=metagrad.METHODS, help="default of --full: exact fo hf")
     ap.add_argument("--blocks", nargs="+", type=int, default=None, help="agents per block (default of --full: 8 32 128)")
@@ -272,7 +328,8 @@ def main(argv=None) -> int:
     common.print_targets(targets, args.quick)
     settings = {"alpha": ALPHA, "beta": BETA, "delta": DELTA, "batch": args.batch, "chunk": args.chunk,
                 "repeats": args.repeats, "budget_s": args.budget, "full": args.full, "dtype": "float32",
-                "data": "random MNIST-shaped (1,28,28), 10 classes, 128 samples/agent", "strategies": args.strategies,
+                "data": "random MNIST-shaped (1,28,28), 10 classes, 128 samples/agent (SHAPED models: "
+                        "their own shapes, ids)", "strategies": args.strategies,
                 "default_strategy": common.default_strategy(), "auto": args.auto}
     common.finish("throughput", args.out, info, t_start, {
         "unit": "agent·meta-steps per second", "quick": args.quick, "settings": settings, "agreement": check,

@@ -527,7 +527,8 @@ def test_dropout_outside_training_or_at_zero_lifts():
 
 NOT_LIFTABLE = {
     "torch.sort at node 'sort'": lambda: _model(lambda s, x: s.fc(torch.sort(x, dim=1).values), fc=nn.Linear(6, 3)),
-    "nn.LSTM at 'rnn'": lambda: _model(lambda s, x: s.rnn(x)[0].flatten(1), rnn=nn.LSTM(6, 3, batch_first=True)),
+    "nn.LSTM at 'rnn' (proj_size)": lambda: _model(lambda s, x: s.rnn(x)[0].flatten(1),
+                                                   rnn=nn.LSTM(6, 3, batch_first=True, proj_size=2)),
     "nn.Conv3d at 'conv'": lambda: _model(lambda s, x: s.conv(x).flatten(1), conv=nn.Conv3d(1, 2, 1)),
     "nn.PReLU at 'act'": lambda: _model(lambda s, x: s.act(x), act=nn.PReLU()),
     "Tensor.mean at node 'mean' (over the sample dimension)": lambda: _model(lambda s, x: x - x.mean(0)),

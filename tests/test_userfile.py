@@ -116,7 +116,7 @@ def test_config_validation_accepts_user_files_and_names_the_key(tmp_path):
         config.load(None, [f'model.name="{path}:nope"'])
     with pytest.raises(config.ConfigError, match=r"^data.dataset = 'nowhere.py:load': file nowhere.py not found"):
         config.load(None, ['data.dataset="nowhere.py:load"'])
-    with pytest.raises(config.ConfigError, match=r"must be one of linear, mlp, cnn or FILE.py:FUNCTION"):
+    with pytest.raises(config.ConfigError, match=r"must be one of linear, mlp, cnn, char-lstm, transformer or FILE.py:FUNCTION"):
         config.load(None, ['model.name="resnet"'])
 
 

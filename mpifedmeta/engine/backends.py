@@ -40,8 +40,18 @@ def _leaves(theta: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _or_zeros(grads, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A parameter the loss never reads gets a zero gradient."""
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+    """A parameter the loss never reads gets a zero gradient. Every result is a tensor of its own:
+    autograd hands two parameters added together (``self.a + self.b``) the same gradient tensor,
+    and the caller updates the results in place."""
+    out, seen = [], set()
+    for g, p in zip(grads, like):
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g.untyped_storage().data_ptr() in seen or 0 in g.stride():
+            g = g.clone()
+        seen.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
 
 
 def _double_backward(f, leaves, v) -> list[torch.Tensor]:

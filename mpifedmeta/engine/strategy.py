@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -90,7 +91,7 @@ def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, 
             skipped[cand] = "out of memory"
             torch.cuda.empty_cache()
             continue
-        except RuntimeError as e:                     # e.g. vmap and data-dependent control flow
+        except Exception as e:                        # noqa: BLE001 - e.g. vmap and data-dependent control flow
             skipped[cand] = f"cannot run the model: {first_line(e)}"
             continue
         peaks[cand] = _peak_mb(device) - base
@@ -104,20 +105,63 @@ def measure(step: Callable[[str, int], None], device: torch.device, chunk: int, 
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """An exception as one short line (torch's messages run over several)."""
-    text = str(e).strip().split("\n")[0]
+    """An exception as one short line (torch's messages run over several); other than a
+    RuntimeError (torch's own), with its type: "IndexError: index out of range in self"."""
+    text = (str(e).strip() or type(e).__name__).split("\n")[0]
+    if not isinstance(e, RuntimeError) and not text.startswith(type(e).__name__):
+        text = f"{type(e).__name__}: {text}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def cannot_run(backend, block, w: torch.Tensor, spec) -> str | None:
-    """None if one local step of (at most) two agents runs on ``backend``, else why not, in one line:
-    vmap cannot run every model (data-dependent control flow, ``.item()``), the per-agent loop can."""
+def cannot_run(backend, block, w: torch.Tensor, spec, hvp: bool = False) -> str | None:
+    """None if everything a run calls on ``backend`` runs for (at most) two agents of ``block``, else
+    why not, in one line: one local step of the run's algorithm (its training steps, in the run's
+    flavour), the evaluation's no-grad forward (``backend.logits``) and, with ``hvp``
+    (eval.stationarity: exact meta-gradients whatever the flavour), a Hessian-vector product.
+
+    What fails where (measured, torch 2.13 CPU): vmap cannot run data-dependent control flow or
+    ``.item()``, nor the no-grad forward of nn.LSTM/GRU/RNN (no batching rule for aten::lstm);
+    vmap and the per-agent loop cannot differentiate PyTorch's fused CPU attention twice
+    (nn.TransformerEncoderLayer under exact meta-gradients); the stacked form runs both."""
     one = _one_step(block, w, spec, 2)
     try:
-        one(backend, 0, one.B)
-    except RuntimeError as e:
+        with warnings.catch_warnings():        # a probe: torch's notices (vmap's slow fallbacks) belong to a run
+            warnings.simplefilter("ignore")
+            one(backend, 0, one.B)
+            one.evaluate(backend, hvp)
+    except Exception as e:                     # noqa: BLE001 - whatever stops a run, said in one line
         return first_line(e)
     return None
+
+
+#: Where a run goes when a strategy cannot run the model (strategy.cannot_run): the stacked form →
+#: vmap → the per-agent loop (which runs whatever plain autograd runs).
+FALLBACK = {"stacked": "vmap", "chunked": "loop", "vmap": "loop", "loop": None}
+
+
+class CannotRun(RuntimeError):
+    """No strategy can run the model, or an explicit vmap/chunked cannot (the message is one line)."""
+
+
+def runnable(setting: str, name: str, line: str, make: Callable[[str], object],
+             why_not: Callable[[object], str | None]) -> tuple[str, object, str]:
+    """(strategy, backend, start-up line): ``name`` if ``why_not(backend)`` is None, else the next in
+    :data:`FALLBACK` that runs, the line saying why each one before could not, e.g.
+    ``loop (vmap (stacked cannot run the model: …) cannot run the model: …)``. Raises
+    :class:`CannotRun` where none runs, or where ``setting`` (train.strategy) is the vmap or chunked
+    that cannot. ``why_not`` must give every rank the same answer (the first rank's reason)."""
+    tried = []
+    while True:
+        backend = make(name)
+        why = why_not(backend)
+        if why is None:
+            return name, backend, line
+        if setting == name and name in ("vmap", "chunked"):
+            raise CannotRun(f"train.strategy = '{setting}' cannot run this model ({why}); use train.strategy = \"loop\"")
+        tried.append(f"{line if not tried else name}: {why}")
+        if FALLBACK[name] is None:
+            raise CannotRun(f"no strategy can run this model ({'; '.join(tried)})")
+        name, line = FALLBACK[name], f"{FALLBACK[name]} ({line} cannot run the model: {why})"
 
 
 class NoStrategyFits(RuntimeError):
@@ -143,6 +187,17 @@ class _OneStep:
         self.algo.local_update(backend, self.theta[a:b].clone(), state, self.w, self.block.X_train,
                                self.block.Y_train, self.idx[a:b], self.mask[a:b])
 
+    def evaluate(self, backend, hvp: bool = False) -> None:
+        """What an evaluation calls besides gradients: the no-grad forward (``backend.logits``) on a
+        batch of every agent's training rows; with ``hvp`` a Hessian-vector product (stationarity)."""
+        theta = backend.layout.views(self.theta.clone())
+        rows = self.idx[:, 0, 0]
+        x, y, mask = self.block.X_train[rows], self.block.Y_train[rows], self.mask[:, 0, 0]
+        with torch.no_grad():
+            backend.logits(theta, x)
+        if hvp:
+            backend.hvp(theta, [t.clone() for t in theta], x, y, mask)
+
 
 def _one_step(block, w: torch.Tensor, spec, agents: int) -> _OneStep:
     return _OneStep(block, w, spec, agents)
@@ -150,13 +205,15 @@ def _one_step(block, w: torch.Tensor, spec, agents: int) -> _OneStep:
 
 def choose(setting: str, model: torch.nn.Module, block, w: torch.Tensor, spec: algorithm.RoundSpec,
            agents: int, chunk: int, memory_budget_mb: float, recorded: str | None,
-           allgather: Callable[[object], list]) -> tuple[str, str]:
+           allgather: Callable[[object], list], hvp: bool = False) -> tuple[str, str]:
     """The strategy this run uses and a one-line description of how it was chosen.
 
     ``setting``: train.strategy; ``recorded``: the strategy stored in the checkpoint when resuming
     (reused for "auto" so that a resumed run continues bit for bit); ``agents``: the per-rank
     block size to time with; ``allgather``: every rank's value of an object (all ranks agree on
-    the candidate whose slowest rank is fastest).
+    the candidate whose slowest rank is fastest). ``auto`` skips a candidate that cannot run what
+    a run calls (:func:`cannot_run`, checked once in its warm-up; ``hvp``: eval.stationarity).
+    The caller checks the strategy returned (:func:`runnable`).
     """
     if setting != "auto":
         return backends.resolve(setting, model)
@@ -166,9 +223,14 @@ def choose(setting: str, model: torch.nn.Module, block, w: torch.Tensor, spec: a
     cands = [c for c in CANDIDATES if c != "stacked" or backends.has_stacked_form(model)]
     one = _one_step(block, w, spec, agents)
 
+    checked = set()
+
     def step(cand: str, chunk_: int) -> None:
         backend = backends.make(model, cand, chunk_)
         one(backend, 0, one.B)
+        if cand not in checked:                       # the warm-up: also the evaluation's calls
+            checked.add(cand)
+            one.evaluate(backend, hvp)
 
     mine = measure(step, block.device, chunk, one.B, memory_budget_mb, candidates=cands)
     every = allgather((mine.seconds, mine.skipped))

@@ -9,7 +9,8 @@ Agents share no parameter, so one backward of Σ_agents loss gives every agent's
 The graph is walked once, at lift time, into a list of closures (one per kept operation, with the
 slots to release after it): a call does no dispatch on names. What cannot be lifted gives a
 ``reason`` instead (the first operation, e.g. "torch.sort at node 'sort'"); the run then uses vmap.
-BatchNorm and random dropout are refused (:class:`Refused`) for every strategy. Pure: torch only.
+BatchNorm and random dropout (also an RNN's or attention's) are refused (:class:`Refused`) for every
+strategy. Pure: torch only.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from mpifedmeta.models import liftnn, liftops
-from mpifedmeta.models.liftops import C, G, S, NotLiftable, Val
+from mpifedmeta.models import liftnn, liftops, liftseq
+from mpifedmeta.models.liftops import C, G, S, T, NotLiftable, Val
 
 
 class Refused(ValueError):
@@ -99,6 +100,8 @@ class Ctx:
         """``v`` in layout ``kind`` (S or G), converted once per value where needed."""
         if v.kind == kind:
             return v
+        if v.kind == T:
+            raise NotLiftable("a tuple where a tensor is expected")
         if v.kind == C or (kind == G and not v.acts):
             raise NotLiftable("a constant or parameter where an activation is expected")
         key = (v.slot, kind)
@@ -145,6 +148,12 @@ def _refuse_modules(model: nn.Module) -> None:
             raise Refused(f"{type(m).__name__} at '{name}' {what}; {_NORM_HINT}")
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             raise Refused(f"{type(m).__name__}(p={m.p}) at '{name}' {_DROPOUT_HINT}")
+        random = liftseq.refusal(m)
+        if random:
+            raise Refused(f"{random} at '{name}' {_DROPOUT_HINT}")
+        ids = liftseq.ids_refusal(m)
+        if ids:
+            raise Refused(f"{ids} (at '{name}')")
 
 
 _F = torch.nn.functional
@@ -164,6 +173,10 @@ def _refuse_graph(graph: fx.Graph) -> None:
             p, training = liftops.dropout_args(node)
             if training and not (isinstance(p, (int, float)) and p == 0):
                 raise Refused(f"{liftops.fn_name(node.target)}(p={p}) at node '{node.name}' {_DROPOUT_HINT}")
+        if node.target is _F.scaled_dot_product_attention:
+            p = liftseq.sdpa_dropout(node)
+            if not (isinstance(p, (int, float)) and p == 0):
+                raise Refused(f"F.scaled_dot_product_attention(dropout_p={p}) at node '{node.name}' {_DROPOUT_HINT}")
 
 
 # --------------------------------------------------------------------------- the walk

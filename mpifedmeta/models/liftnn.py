@@ -1,6 +1,7 @@
 """Lifters of layers, shape ops and reductions, and the tables lift.py dispatches on: a module's
 class (``MODULES``), a function (``FUNCTIONS``), a Tensor method (``METHODS``) → lifter(ctx, node[,
-module]) → the node's lifted value. Layouts and kernels: liftops.py.
+module]) → the node's lifted value. Layouts and kernels: liftops.py; sequence layers (embeddings,
+recurrent layers, attention): liftseq.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpifedmeta.models import liftseq
 from mpifedmeta.models.liftops import G, S, NotLiftable, Val, bind, binary, conv, dense, group_norm, identity, layer_norm, unary
 from mpifedmeta.models.liftshape import (along_dim, attribute, cat_call, dim_call, flatten_call, flatten_module, getitem_call,
                         matmul_call, permute_call, reduction, reshape_call, size_call, softmax_module, squeeze_call,
@@ -163,17 +165,22 @@ MODULES = {nn.Linear: linear_module, nn.Conv1d: conv_module, nn.Conv2d: conv_mod
            nn.InstanceNorm2d: group_norm_module, nn.Flatten: flatten_module, nn.Unflatten: unflatten_module,
            nn.Identity: identity, nn.Softmax: softmax_module, nn.LogSoftmax: softmax_module,
            **{t: elementwise_module for t in _ELEMENTWISE_MODULES}, **{t: pool_module for t in _POOL_MODULES},
-           **{t: identity for t in _DROPOUT_MODULES}}     # dropout with p > 0 is refused before (lift.Refused)
+           **{t: identity for t in _DROPOUT_MODULES},     # dropout with p > 0 is refused before (lift.Refused)
+           nn.Embedding: liftseq.embedding_module, nn.LSTM: liftseq.recurrent_module, nn.GRU: liftseq.recurrent_module,
+           nn.RNN: liftseq.recurrent_module, nn.MultiheadAttention: liftseq.mha_module,
+           nn.TransformerEncoderLayer: liftseq.encoder_layer_module, nn.TransformerEncoder: liftseq.encoder_module}
 
 _UNARY_F = ("relu", "relu6", "elu", "selu", "celu", "gelu", "silu", "mish", "leaky_relu", "softplus", "tanh", "sigmoid",
             "hardtanh", "hardswish", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink", "softshrink", "hardshrink",
             "threshold")
 _UNARY_TORCH = ("relu", "tanh", "sigmoid", "exp", "log", "log1p", "expm1", "abs", "sqrt", "rsqrt", "square", "sin",
                 "cos", "erf", "neg", "reciprocal", "clamp", "clip")
-_UNARY_METHODS = _UNARY_TORCH + ("clamp_min", "clamp_max", "float", "double", "to", "clone")
+_UNARY_METHODS = _UNARY_TORCH + ("clamp_min", "clamp_max", "float", "double", "to", "clone", "long", "int")
 _BINARY = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
-           operator.pow: "pow", torch.maximum: "maximum", torch.minimum: "minimum"}
-_BINARY_TORCH = ("add", "sub", "mul", "div", "true_divide", "pow", "maximum", "minimum")
+           operator.pow: "pow", torch.maximum: "maximum", torch.minimum: "minimum", operator.eq: "eq",
+           operator.ne: "ne", operator.lt: "lt", operator.le: "le", operator.gt: "gt", operator.ge: "ge"}
+_BINARY_TORCH = ("add", "sub", "mul", "div", "true_divide", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt",
+                 "ge")
 _POOLS_F = ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
             "adaptive_max_pool1d", "adaptive_max_pool2d", "lp_pool1d", "lp_pool2d")
 _DROPOUTS_F = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout)
@@ -194,6 +201,8 @@ FUNCTIONS = {
     **{getattr(F, n): pool_function(getattr(F, n)) for n in _POOLS_F},
     **{fn: identity for fn in _DROPOUTS_F},                  # p = 0 or not training: refused otherwise
     **{getattr(torch, n): reduction(getattr(torch, n)) for n in _REDUCTIONS},
+    F.embedding: liftseq.embedding_function, F.scaled_dot_product_attention: liftseq.sdpa_function,
+    torch.chunk: liftseq.chunk_call, torch.split: liftseq.chunk_call, torch.unbind: liftseq.chunk_call,
 }
 
 METHODS = {
@@ -204,6 +213,8 @@ METHODS = {
     **{n: unary(getattr(torch.Tensor, n)) for n in _UNARY_METHODS},
     **{n: binary(getattr(torch.Tensor, n)) for n in _BINARY_TORCH},
     **{n: reduction(getattr(torch.Tensor, n)) for n in _REDUCTIONS},
+    "chunk": liftseq.chunk_call, "split": liftseq.chunk_call, "unbind": liftseq.chunk_call,
+    "masked_fill": liftseq.masked_fill_call,
 }
 
 _FACTORIES = {torch.zeros, torch.ones, torch.full, torch.arange, torch.eye, torch.tensor, torch.linspace}

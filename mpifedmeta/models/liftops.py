@@ -9,7 +9,8 @@ One agent's activation is (n, *features); the block of B agents holds it in one 
 
 A value is converted only where an op needs the other layout (lift.Ctx.need). Per-agent dims map to
 stacked ones by :func:`shift` (d ≥ 0 → d + 1, negative dims unchanged). ``C`` values are constants
-(literals, sizes, buffers): the same for every agent.
+(literals, sizes, buffers): the same for every agent. ``T`` values are tuples (what an LSTM or
+attention layer returns, ``x.chunk(…)``): only indexed, their elements are values of the above.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-S, G, C = "S", "G", "C"
+S, G, C, T = "S", "G", "C", "T"
 
 
 class NotLiftable(Exception):
@@ -38,10 +39,10 @@ class NotLiftable(Exception):
 class Val:
     """A node's lifted value: its slot (None: the literal ``const``) and layout."""
     slot: int | None
-    kind: str                   # S, G or C
+    kind: str                   # S, G, C or T
     acts: bool = True           # carries the sample axis (False: parameters and what only they compute)
     shape: tuple | None = None  # a parameter's per-agent shape
-    const: object = None
+    const: object = None        # C: the literal; T: the elements' values where known at lift time
     param: str | None = None    # the parameter's name, for a parameter itself
 
 

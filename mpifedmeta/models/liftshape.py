@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpifedmeta.models.liftops import (C, G, S, NotLiftable, Val, bind, bmatmul, grouped_cat_channels, grouped_flatten, grouped_size,
+from mpifedmeta.models.liftops import (C, G, S, T, NotLiftable, Val, bind, bmatmul, grouped_cat_channels, grouped_flatten, grouped_size,
                       shift)
 
 
@@ -130,6 +130,13 @@ def squeeze_call(ctx, node):
 
 def getitem_call(ctx, node):
     x, idx = ctx.val(node.args[0]), ctx.static(node.args[1])
+    if x.kind == T:                                  # an element of a tuple (an LSTM's output, x.chunk(...))
+        if not isinstance(idx, int):
+            raise NotLiftable("a slice of a tuple")
+        if x.const is not None:
+            return x.const[idx]
+        a = x.slot
+        return ctx.emit(lambda env, P: env[a][idx], (a,), S, x.acts)
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, (torch.Tensor, list, bool)) for i in idx):
         raise NotLiftable("advanced indexing")

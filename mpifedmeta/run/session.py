@@ -55,7 +55,7 @@ def _build(cfg: Config, world: dist.World):
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     pop = population.make_population(cfg.data, cfg.train.seed, cfg.train.dtype)
     N, H = pop.num_agents, cfg.data.holdout_agents
-    shapes = build_shapes(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden)
+    shapes = build_shapes(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden, cfg.model.values)
     layout = ParamLayout.of(dict(shapes.named_parameters()))
     algo = _algorithm(cfg, shapes, layout)
     which = algo.state_params(layout)
@@ -67,7 +67,7 @@ def _build(cfg: Config, world: dist.World):
         raise ConfigError(f"train.agents_per_round = {cfg.train.agents_per_round} exceeds the {N - H} training agents")
     block = pop.resident_block(*dist.block_range(N, world.size, world.rank), device, dtype) if pop.resident else None
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden).to(dtype)
+    model = build_model(cfg.model.name, pop.input_shape, pop.num_classes, cfg.model.hidden, cfg.model.values).to(dtype)
     try:
         lift(model)                  # BatchNorm, dropout p > 0: refused whatever the strategy
     except Refused as e:
@@ -162,19 +162,16 @@ def _choose_backend(cfg: Config, world: dist.World, model, agents, w0, spec, rec
         (t.agent_chunk == "auto" and agents.device.type == "cpu" and recorded.get("agent_chunk") is None)
     block = agents.for_timing(per_rank) if timing else None
     allgather = lambda mine: dist.allgather(world, mine)      # noqa: E731
+    hvp = cfg.eval.stationarity                               # exact HVPs at evaluations, whatever the flavour
     try:
         name, line = strategy.choose(t.strategy, model, block, w0, spec, per_rank, t.chunk, t.memory_budget,
-                                     recorded.get("strategy"), allgather)
-        backend = backends.make(model, name, t.chunk)
-        if name in ("vmap", "chunked"):
-            why = [r for r in allgather(strategy.cannot_run(backend, block or agents.for_timing(2), w0, spec)) if r]
-            if why and t.strategy in ("vmap", "chunked"):
-                raise BadInput(f"train.strategy = '{t.strategy}' cannot run this model ({why[0]}); "
-                               f"use train.strategy = \"loop\"")
-            if why:
-                name, backend, line = "loop", backends.make(model, "loop"), f"loop ({line} cannot run the model: {why[0]})"
+                                     recorded.get("strategy"), allgather, hvp)
+        check = block or agents.for_timing(2)         # everything a run calls, on every rank; else the fallback
+        name, backend, line = strategy.runnable(
+            t.strategy, name, line, lambda s: backends.make(model, s, t.chunk),
+            lambda be: next((r for r in allgather(strategy.cannot_run(be, check, w0, spec, hvp)) if r), None))
         chunk, chunk_line = strategy.choose_agent_chunk(t.agent_chunk, agents.device.type, recorded.get("agent_chunk"),
                                                         backend, block, w0, spec, per_rank, allgather)
-    except (strategy.NoStrategyFits, ValueError) as e:
+    except (strategy.NoStrategyFits, strategy.CannotRun, ValueError) as e:
         raise BadInput(str(e)) from None
     return name, backend, line, chunk, chunk_line
