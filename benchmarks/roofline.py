@@ -184,7 +184,9 @@ def block_bandwidth_gbs(B: int, d: int) -> float:
 
 # --------------------------------------------------------------------------- one work
 def measure(name: str, overrides: list[str], rounds: int) -> dict:
-    run = common.engine_rounds(overrides + ["train.threads=1"])
+    # one call per block (agent_chunk 0): the passes below are counted on (B, ...) tensors, and "auto" may
+    # pick chunks of 16 on a busy machine (then nothing of shape (B, ...) is written: 0 passes)
+    run = common.engine_rounds(overrides + ["train.threads=1", "train.agent_chunk=0"])
     step, w, layout = run.step, run.w0, run.layout
     B, d, tau = run.cfg.train.agents_per_round, w.numel(), run.cfg.train.local_steps
     t = time_rounds(step, w, rounds)

@@ -180,3 +180,23 @@ def test_algorithms_benchmark_quick(tmp_path):
         assert math.isfinite(r["engine_loss"]) and math.isfinite(r["loop_loss"])
         assert _measured(d["targets"][f"vs_loop_{r['algorithm']}"]) == pytest.approx(
             r["loop_s_per_round"] / r["engine_s_per_round"])
+
+
+def test_privacy_benchmark_quick(tmp_path):
+    """DP-FedAvg (clip + noise) against the same run without it, interleaved, on every work: both timed, the
+    DP rounds spent time in the clip and in the noise, the profiler saw the clip region, the accountants timed,
+    the targets."""
+    import math
+    d = _run("privacy", tmp_path, timeout=300)
+    assert [r["work"] for r in d["rows"]] == ["digits-nu0", "digits-fo", "virtual-nu0"]
+    for r in d["rows"]:
+        assert r["off_s_per_round"] > 0 and r["dp_s_per_round"] > 0 and r["rounds_timed"] >= 3
+        assert len(r["clip_s"]) == len(r["noise_s"]) == r["rounds_timed"]
+        assert min(r["clip_s"]) > 0 and min(r["noise_s"]) > 0          # every timed DP round clipped and drew noise
+        assert r["profiled_regions_ms"]["mpifedmeta.clip"] > 0
+        assert r["parts_share"] == pytest.approx(r["clip_share"] + r["noise_share"])
+        for kind in ("rdp-poisson", "rdp-fixed", "pld-poisson"):
+            acc = r["accountant"][kind]
+            assert acc["median_s"] > 0 and math.isfinite(acc["epsilon"]) and acc["epsilon"] > 0, (kind, acc)
+            assert isinstance(acc["calibrated_z"], float) and acc["calibrated_z"] > 0, (kind, acc)
+        assert _measured(d["targets"][f"overhead_{r['work']}"]) == pytest.approx(r["overhead_paired"])
