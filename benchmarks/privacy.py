@@ -34,7 +34,10 @@ Measured per work:
                ``Round.run`` before ``server_step``), each timed around the call (no profiler), and
                their share of the off round; plus the profiler's regions (``mpifedmeta.local_update``,
                ``mpifedmeta.clip``, ``mpifedmeta.exact_sum``) over ``--profile-rounds`` rounds of the
-               dp variant (the profiler inflates small ops: a cross-check, not the figure).
+               dp variant (the profiler inflates small ops: a cross-check, not the figure);
+  clip alone   (information) the clip on one block of the round's agent-chunk shape: the engine's, the
+               formulation before commit f2c01df, and the norms alone, accumulated in float64 and in float32
+               (what clipping would still cost if its factor were folded into the exact sum's per-row scale).
 
 The accountant (information, no target): ``mpifedmeta run`` composes one round into the ε ledger on
 rank 0 after the round (``accountant.Ledger.advance``: compose + get_epsilon with Google's
@@ -185,38 +188,54 @@ def profiled_regions(side: Side, rounds: int) -> dict:
     return out
 
 
-def lean_clip(theta: torch.Tensor, w: torch.Tensor, clip: float) -> torch.Tensor:
-    """A leaner formulation of ``mechanism.clip_updates`` (NOT the engine's; timed for comparison): the update
-    formed in place, the float64 norm accumulated without a float64 copy, the scaling in place."""
-    delta = theta.sub_(w)
-    norms = torch.linalg.vector_norm(delta, dim=1, dtype=torch.float64)
+def previous_clip(theta: torch.Tensor, w: torch.Tensor, clip: float) -> torch.Tensor:
+    """``mechanism.clip_updates`` before commit f2c01df (timed for comparison, not the engine's): the update and
+    its float64 copy as (B, d) temporaries, ``addcmul`` into a third, copied back."""
+    delta = theta - w
+    norms = torch.linalg.vector_norm(delta.to(torch.float64), dim=1)
     factor = torch.clamp(clip / torch.clamp(norms, min=1e-300), max=1.0).to(theta.dtype)
-    return delta.mul_(factor.unsqueeze(1)).add_(w)
+    theta.copy_(torch.addcmul(w, delta, factor.unsqueeze(1)))
+    return theta
 
 
 def clip_alone(shape: tuple, clip: float, repeats: int, device) -> dict:
     """``mechanism.clip_updates`` alone on one block of the round's shape (random updates, norms around the
-    clip), against :func:`lean_clip`, interleaved; ms per call and the largest difference of the results."""
+    clip), against :func:`previous_clip` and against the norms alone (``vector_norm`` of a ready (B, d) block of
+    updates, accumulated in float64 as the engine does, and in float32: what clipping would still cost if its
+    factor were folded into the exact sum's per-row scale, which forms θ_i − w anyway), interleaved; ms per call
+    (the block's copy subtracted) and the largest difference between the engine's and the previous results."""
     from mpifedmeta.privacy import mechanism
     g = torch.Generator().manual_seed(0)
     B, d = shape
     w = torch.randn(d, generator=g).to(device)
     block = (w + (2 * clip / d ** 0.5) * torch.randn(B, d, generator=g).to(device)).contiguous()
-    work = {"engine": block.clone(), "lean": block.clone()}
+    work = {k: block.clone() for k in ("engine", "previous", "norms", "norms32")}
     fns = {"engine": lambda: mechanism.clip_updates(work["engine"].copy_(block), w, clip),
-           "lean": lambda: lean_clip(work["lean"].copy_(block), w, clip)}
+           "previous": lambda: previous_clip(work["previous"].copy_(block), w, clip),
+           "norms": lambda: torch.linalg.vector_norm(work["norms"].copy_(block), dim=1, dtype=torch.float64),
+           "norms32": lambda: torch.linalg.vector_norm(work["norms32"].copy_(block), dim=1)}
     copy = common.interleaved({"copy": lambda: work["engine"].copy_(block)}, device, repeats, 60.0)["copy"]
     t = common.interleaved(fns, device, repeats, 60.0)
-    diff = float((fns["engine"]() - fns["lean"]()).abs().max())
-    return {"shape": list(shape), "engine_ms": 1e3 * (t["engine"]["median_s"] - copy["median_s"]),
-            "lean_ms": 1e3 * (t["lean"]["median_s"] - copy["median_s"]), "copy_ms": 1e3 * copy["median_s"],
-            "max_abs_diff": diff, "repeats": t["engine"]["repeats"]}
+    diff = float((fns["engine"]() - fns["previous"]()).abs().max())
+    out = {f"{k}_ms": 1e3 * (t[k]["median_s"] - copy["median_s"]) for k in fns}
+    return dict(out, shape=list(shape), copy_ms=1e3 * copy["median_s"], max_abs_diff=diff,
+                repeats=t["engine"]["repeats"])
+
+
+def agent_chunk(run) -> int | None:
+    """The agent chunk the set-up chose (``train.agent_chunk = "auto"`` times candidates at start-up), read from
+    the ``Round`` that ``common.engine_rounds`` keeps in the closure of ``step``; None when not reachable."""
+    cells = dict(zip(run.step.__code__.co_freevars, run.step.__closure__ or ()))
+    setup = cells["s"].cell_contents if "s" in cells else None
+    return getattr(getattr(getattr(setup, "round", None), "spec", None), "agent_chunk", None)
 
 
 def measure(a, name: str, device) -> dict:
     label = WORKS[name]
     off_run = common.engine_rounds(work_overrides(a, name))
-    dp_run = common.engine_rounds(work_overrides(a, name) + dp_overrides(a))
+    chunk = agent_chunk(off_run)      # the DP variant gets the same agent chunk (the start-up's timing may differ)
+    dp_run = common.engine_rounds(work_overrides(a, name) + dp_overrides(a) +
+                                  ([f"train.agent_chunk={chunk}"] if chunk is not None else []))
     timer = DPTimer(device)
     off, dp = Side(off_run), Side(dp_run, timer)
     with timer:
@@ -238,15 +257,16 @@ def measure(a, name: str, device) -> dict:
            "overhead_medians": (d["median_s"] - o["median_s"]) / o["median_s"],
            "clip_s_per_round": statistics.median(clip_s), "noise_s_per_round": statistics.median(noise_s),
            "off_timing": o, "dp_timing": d, "paired_overheads": pairs, "clip_s": clip_s, "noise_s": noise_s,
-           "clip_calls_per_round": clip_calls, "clip_block": list(timer.clip_shapes.most_common(1)[0][0]),
+           "agent_chunk": chunk, "clip_calls_per_round": clip_calls,
+           "clip_block": list(timer.clip_shapes.most_common(1)[0][0]),
            "profiled_regions_ms": regions, "setup_s": {"off": off_run.setup_s, "dp": dp_run.setup_s},
            "loadavg_after": os.getloadavg()}
     row["clip_share"] = row["clip_s_per_round"] / o["median_s"]
     row["noise_share"] = row["noise_s_per_round"] / o["median_s"]
     row["parts_share"] = row["clip_share"] + row["noise_share"]
     row["clip_alone"] = clip_alone(tuple(row["clip_block"]), a.clip, a.rounds, device)
-    row["clip_alone"]["per_round_engine_ms"] = row["clip_alone"]["engine_ms"] * clip_calls
-    row["clip_alone"]["per_round_lean_ms"] = row["clip_alone"]["lean_ms"] * clip_calls
+    for k in ("engine", "previous", "norms", "norms32"):
+        row["clip_alone"][f"per_round_{k}_ms"] = row["clip_alone"][f"{k}_ms"] * clip_calls
     row["accountant"] = accountant_costs(a, off_run.cfg.data.num_agents - off_run.cfg.data.holdout_agents,
                                          off_run.cfg.train.agents_per_round)
     print(f"  {label:>28}: off {1e3 * o['median_s']:.1f} ms/round, DP {1e3 * d['median_s']:.1f} ms/round, "
@@ -334,10 +354,11 @@ def main(argv=None) -> int:
     print(f"\nMLP {'-'.join(map(str, a.hidden))} ELU, τ={a.tau}, float32, 1 thread; digits: {a.agents} agents, "
           f"{a.cohort} per round, batch {a.batch}; virtual: {a.large_agents} agents, {a.large_cohort} per round, "
           f"batch {a.large_batch}; median of {rows[0]['rounds_timed']} alternating rounds after {a.warmup + 1} "
-          "warm-up rounds each; overhead = median over the pairs of (DP − off) / off; clip, noise = ms per round "
+          "warm-up rounds each; chunk = the agent chunk (auto, timed at the off run's start-up; 0 = the whole block), "
+          "given to both variants; overhead = median over the pairs of (DP − off) / off; clip, noise = ms per round "
           "in mechanism.clip_updates / mechanism.noise (dp rounds), share = of the off round")
     print(common.table(rows, [
-        ("label", "work", ""), ("cohort", "cohort", ""), ("num_params", "d", ""),
+        ("label", "work", ""), ("cohort", "cohort", ""), ("num_params", "d", ""), ("agent_chunk", "chunk", ""),
         ("off_s_per_round", "off s/round", "{:.4f}"), ("dp_s_per_round", "DP s/round", "{:.4f}"),
         ("overhead_paired", "overhead", "{:+.1%}"), ("overhead_medians", "Δ medians", "{:+.1%}"),
         ("clip_s_per_round", "clip s/round", "{:.5f}"), ("noise_s_per_round", "noise s/round", "{:.5f}"),
@@ -352,14 +373,19 @@ def main(argv=None) -> int:
                                  ("exact_sum", "exact_sum", "{:.2f}"), ("allreduce", "allreduce", "{:.2f}")]))
     alone = [dict(work=r["label"], block="×".join(map(str, r["clip_block"])), calls=r["clip_calls_per_round"],
                   **r["clip_alone"]) for r in rows]
-    print("\nthe clip alone (information): mechanism.clip_updates on one block of the round's agent chunk (random "
-          "updates) against a leaner formulation (update in place, float64 norm without a float64 copy, scaling in "
-          "place; not the engine's), interleaved, ms per call (the block's copy subtracted) and per round "
-          "(× calls per round)")
+    print("\nthe clip alone (information): on one block of the round's agent chunk (random updates), interleaved, ms "
+          "per call (the block's copy subtracted) and per round (× calls per round): the engine's "
+          "mechanism.clip_updates; the previous one (before f2c01df: float64 copy, addcmul, copy back); the norms "
+          "alone (vector_norm of a ready block accumulated in float64 as the engine does, and in float32: the floor "
+          "if the factor were folded into the exact sum); max |diff| = engine vs previous")
     print(common.table(alone, [("work", "work", ""), ("block", "block", ""), ("calls", "calls/round", ""),
-                               ("engine_ms", "engine ms/call", "{:.3f}"), ("lean_ms", "lean ms/call", "{:.3f}"),
+                               ("engine_ms", "engine ms/call", "{:.3f}"), ("previous_ms", "previous ms/call", "{:.3f}"),
+                               ("norms_ms", "norms f64 ms/call", "{:.3f}"),
+                               ("norms32_ms", "norms f32 ms/call", "{:.3f}"),
                                ("per_round_engine_ms", "engine ms/round", "{:.1f}"),
-                               ("per_round_lean_ms", "lean ms/round", "{:.1f}"),
+                               ("per_round_previous_ms", "previous ms/round", "{:.1f}"),
+                               ("per_round_norms_ms", "norms f64 ms/round", "{:.1f}"),
+                               ("per_round_norms32_ms", "norms f32 ms/round", "{:.1f}"),
                                ("max_abs_diff", "max |diff|", "{:.1e}")]))
     acc = [dict(work=r["label"], kind=k, **v, ms=1e3 * v["median_s"], first_ms=1e3 * v["first_s"],
                 last_ms=1e3 * v["last_s"], z=v["calibrated_z"] if isinstance(v["calibrated_z"], float) else None)

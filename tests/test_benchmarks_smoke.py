@@ -191,6 +191,7 @@ def test_privacy_benchmark_quick(tmp_path):
     assert [r["work"] for r in d["rows"]] == ["digits-nu0", "digits-fo", "virtual-nu0"]
     for r in d["rows"]:
         assert r["off_s_per_round"] > 0 and r["dp_s_per_round"] > 0 and r["rounds_timed"] >= 3
+        assert r["agent_chunk"] is not None and r["clip_calls_per_round"] >= 1   # both variants: the same chunk
         assert len(r["clip_s"]) == len(r["noise_s"]) == r["rounds_timed"]
         assert min(r["clip_s"]) > 0 and min(r["noise_s"]) > 0          # every timed DP round clipped and drew noise
         assert r["profiled_regions_ms"]["mpifedmeta.clip"] > 0
